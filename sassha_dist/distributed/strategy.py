@@ -1,0 +1,75 @@
+"""The interface between SASSHA's passes and a training engine.
+
+The optimizer's math never branches on the engine. Everything engine-specific
+(how a backward pass reduces gradients, whether double backward is allowed,
+where a local shard sits in its full parameter, how scalars are summed over
+ranks) goes through one :class:`Strategy`, chosen once by
+:func:`resolve_strategy`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["SingleProcess", "Strategy", "resolve_strategy"]
+
+
+class Strategy(ABC):
+    """What SASSHA needs from an engine, and nothing more."""
+
+    #: Whether exact Hessian-vector products (double backward) work under this engine.
+    supports_exact_hessian: bool = True
+    #: This process's data-parallel rank; mixed into the probe key in per-rank mode.
+    rank: int = 0
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        """Accumulate ``d loss / d params`` into ``p.grad`` through the engine's own reduction."""
+
+    @abstractmethod
+    def gradients_with_graph(
+        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        """Local gradients with ``create_graph=True`` (no reduction yet), ``None`` where unused."""
+
+    @abstractmethod
+    def average(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average ``tensors`` over data-parallel ranks, in place."""
+
+    @abstractmethod
+    def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a 0-dim tensor of per-rank partial sums over the ranks that shard the parameters."""
+
+    def element_offset(self, param: torch.Tensor) -> int:
+        """Index of this rank's first local element in the full, flattened parameter."""
+        return 0
+
+    def full_numel(self, param: torch.Tensor) -> int:
+        """Number of elements of the full (unsharded) parameter."""
+        return param.numel()
+
+
+class SingleProcess(Strategy):
+    """One process holds every parameter; no communication."""
+
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        torch.autograd.backward(loss, inputs=list(params))
+
+    def gradients_with_graph(
+        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+
+    def average(self, tensors: Sequence[torch.Tensor]) -> None:
+        return None
+
+    def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def resolve_strategy(params: Sequence[torch.Tensor]) -> Strategy:
+    """Pick the strategy for ``params``: the one place where engines are told apart."""
+    return SingleProcess()

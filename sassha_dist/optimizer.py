@@ -1,0 +1,821 @@
+r"""The SASSHA optimizer.
+
+SASSHA (Shin et al., ICML 2025, arXiv:2502.18153) takes a sharpness-aware
+ascent step, then preconditions the gradient found there with the square root
+of an EMA of the absolute Hessian diagonal, estimated by Hutchinson's method
+at the perturbed point and refreshed every ``lazy_hessian`` steps:
+
+.. math::
+    \begin{aligned}
+    &\epsilon_t = \rho\, g_t / (\lVert g_t \rVert_2 + \epsilon_\rho),
+        \quad g_t = \nabla f(\theta_t) \quad \text{(one norm over all groups)}\\
+    &\tilde g_t = \nabla f(\theta_t + \epsilon_t) \\
+    &\text{every } k \text{ steps: } \tilde H = \tfrac1S \textstyle\sum_s z_s \odot
+        \nabla^2 f(\theta_t + \epsilon_t)\, z_s, \quad
+        D \leftarrow \beta_2 D + (1-\beta_2)\,|\tilde H| \\
+    &m_t = \beta_1 m_{t-1} + (1-\beta_1)\,\tilde g_t \\
+    &\theta_{t+1} = \theta_t - \eta\, \frac{m_t / (1-\beta_1^t)}{(D / c_2)^{p} + \epsilon}
+        - \eta\lambda\theta_t
+    \end{aligned}
+
+The update is applied to the exact saved :math:`\theta_t`, never to
+:math:`(\theta_t + \epsilon_t) - \epsilon_t`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from sassha_dist import state_keys as keys
+from sassha_dist.distributed.strategy import Strategy, resolve_strategy
+from sassha_dist.functional import (
+    BIAS_CORRECTION_GLOBAL_STEP,
+    BIAS_CORRECTION_HESSIAN_UPDATES,
+    BIAS_CORRECTION_NONE,
+    EPS_AFTER_POWER,
+    EPS_INSIDE_POWER,
+    WEIGHT_DECAY_LR_INDEPENDENT,
+    WEIGHT_DECAY_LR_SCALED,
+    UpdateHyperparameters,
+    apply_perturbation,
+    perturbation_sq_norm,
+    sassha_update,
+    sq_norm,
+    state_dtype,
+    update_hessian_ema,
+)
+from sassha_dist.hessian.hvp import default_fd_step, exact_hvp, finite_difference_step
+from sassha_dist.hessian.probes import probe_key, rademacher
+
+__all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport"]
+
+logger = logging.getLogger(__name__)
+
+#: A closure evaluates the loss at the current parameters and returns it, with
+#: its graph, without calling ``backward``. A sequence of closures is a list of
+#: micro-batches whose losses add up to the step's loss.
+Closure = Callable[[], torch.Tensor]
+
+HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE = "auto", "exact", "finite_difference"
+FD_CENTRAL, FD_FORWARD = "central", "forward"
+PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL = "auto", "per_rank", "global"
+NONFINITE_SKIP, NONFINITE_RAISE = "skip", "raise"
+
+#: The authors' public optimizer (SPEC §2), as keyword arguments:
+#: ``Sassha(params, **AUTHORS_PRESET)`` or ``Sassha.authors(params)``. Their
+#: configs pass ``weight_decay / lr`` to get a per-step decay of ``weight_decay``.
+AUTHORS_PRESET: dict[str, Any] = {
+    "lr": 0.15,
+    "betas": (0.9, 0.999),
+    "weight_decay": 0.0,
+    "rho": 0.2,
+    "lazy_hessian": 10,
+    "n_samples": 1,
+    "hessian_power": 0.5,
+    "eps": 1e-4,
+    "perturb_eps": 1e-12,
+    "eps_placement": EPS_AFTER_POWER,
+    "bias_correction": BIAS_CORRECTION_GLOBAL_STEP,
+    "weight_decay_mode": WEIGHT_DECAY_LR_SCALED,
+    "hessian_method": HESSIAN_EXACT,
+    "probe_mode": PROBES_GLOBAL,
+}
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}={value!r}. Must be one of {', '.join(map(repr, allowed))}.")
+    return value
+
+
+@dataclass(frozen=True)
+class SasshaOptions:
+    """Optimizer-wide settings (per-group ones live in ``param_groups``)."""
+
+    lazy_hessian: int = 10
+    n_samples: int = 1
+    hessian_power: float | Callable[[int], float] = 0.5
+    perturb_eps: float = 1e-12
+    adaptive: bool = False
+    seed: int = 0
+    hessian_method: str = HESSIAN_AUTO
+    fd_scheme: str = FD_CENTRAL
+    fd_step: float | None = None
+    eps_placement: str = EPS_AFTER_POWER
+    bias_correction: str = BIAS_CORRECTION_HESSIAN_UPDATES
+    weight_decay_mode: str = WEIGHT_DECAY_LR_SCALED
+    probe_mode: str = PROBES_AUTO
+    on_nonfinite: str = NONFINITE_SKIP
+    foreach: bool | None = None
+
+    def __post_init__(self) -> None:
+        lazy_hessian, n_samples, seed = self.lazy_hessian, self.n_samples, self.seed
+        if isinstance(lazy_hessian, bool) or not isinstance(lazy_hessian, int) or lazy_hessian < 1:
+            raise ValueError(f"Invalid {lazy_hessian=}. Must be an int >= 1.")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"Invalid {n_samples=}. Must be an int >= 1.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid {seed=}. Must be an int >= 0.")
+        if not callable(self.hessian_power):
+            _check_power(self.hessian_power)
+        perturb_eps = self.perturb_eps
+        if not perturb_eps >= 0.0:
+            raise ValueError(f"Invalid {perturb_eps=}. Must be >= 0.")
+        fd_step = self.fd_step
+        if fd_step is not None and not (0.0 < fd_step < math.inf):
+            raise ValueError(f"Invalid {fd_step=}. Must be > 0 and finite, or None for the dtype's default.")
+        _choice(
+            "hessian_method", self.hessian_method, (HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE)
+        )
+        _choice("fd_scheme", self.fd_scheme, (FD_CENTRAL, FD_FORWARD))
+        _choice("eps_placement", self.eps_placement, (EPS_AFTER_POWER, EPS_INSIDE_POWER))
+        _choice(
+            "bias_correction",
+            self.bias_correction,
+            (BIAS_CORRECTION_HESSIAN_UPDATES, BIAS_CORRECTION_GLOBAL_STEP, BIAS_CORRECTION_NONE),
+        )
+        _choice(
+            "weight_decay_mode", self.weight_decay_mode, (WEIGHT_DECAY_LR_SCALED, WEIGHT_DECAY_LR_INDEPENDENT)
+        )
+        _choice("probe_mode", self.probe_mode, (PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL))
+        _choice("on_nonfinite", self.on_nonfinite, (NONFINITE_SKIP, NONFINITE_RAISE))
+
+    def power_at(self, step: int) -> float:
+        """The Hessian power for (1-based) ``step``; a schedule is validated on every call."""
+        if callable(self.hessian_power):
+            return _check_power(self.hessian_power(step), f"hessian_power({step})")
+        return self.hessian_power
+
+
+def _check_power(hessian_power: Any, name: str = "hessian_power") -> float:
+    if (
+        isinstance(hessian_power, bool)
+        or not isinstance(hessian_power, (int, float))
+        or not 0.0 < hessian_power <= 1.0
+    ):
+        raise ValueError(
+            f"Invalid {name}={hessian_power!r}. Must be a float in (0, 1] or a callable of the step."
+        )
+    return float(hessian_power)
+
+
+@dataclass
+class StepReport:
+    """What the last step did. Tensors stay on device (reading them syncs)."""
+
+    loss: torch.Tensor | None = None
+    perturbed_loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+    hessian_refreshed: bool = False
+    skipped: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class _PendingStep:
+    """State carried between the passes of one step, from ``perturb`` to ``update``."""
+
+    params: list[torch.Tensor]
+    probe_indices: list[int]
+    group_indices: list[int]
+    theta: list[torch.Tensor]
+    hessian_due: bool
+    report: StepReport
+    estimates: list[torch.Tensor] | None = None
+    checks: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _as_closures(closure: Closure | Sequence[Closure] | None) -> list[Closure]:
+    if closure is None:
+        raise ValueError(
+            "Sassha needs a closure: step(closure) where closure() returns the loss at the current "
+            "parameters (without calling backward). See Sassha's docstring for the pass-by-pass API."
+        )
+    closures = [closure] if callable(closure) else list(closure)
+    if not closures or not all(callable(c) for c in closures):
+        raise ValueError(
+            "Invalid closure: pass a callable or a non-empty sequence of callables (micro-batches)."
+        )
+    return closures
+
+
+def _evaluate(closure: Closure) -> torch.Tensor:
+    with torch.enable_grad():
+        loss = closure()
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"The closure returned {type(loss).__name__}; it must return the loss as a tensor "
+            "(do not call .item() or backward inside it)."
+        )
+    if loss.numel() != 1:
+        raise ValueError(f"The closure returned a loss of shape {tuple(loss.shape)}; it must be a scalar.")
+    if not loss.requires_grad:
+        raise ValueError(
+            "The closure returned a loss with no graph (requires_grad=False): it must be computed from "
+            "the parameters with grad enabled, and must not be detached."
+        )
+    return loss.reshape(())
+
+
+def _finite(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(tensor).all()
+
+
+class Sassha(Optimizer):
+    r"""Sharpness-aware adaptive second-order optimizer with a stable Hessian approximation.
+
+    Args:
+        params: parameters or parameter groups. Per group: ``lr``, ``betas``,
+            ``weight_decay``, ``rho``, ``eps``.
+        lr: learning rate :math:`\eta` (default 0.15, the authors').
+        betas: :math:`(\beta_1, \beta_2)` for the gradient and Hessian EMAs.
+        weight_decay: decoupled decay :math:`\lambda` (see ``weight_decay_mode``).
+        rho: perturbation radius :math:`\rho` (0 disables the ascent step's effect).
+        lazy_hessian: refresh the Hessian every ``k`` steps (also on any step in
+            which a parameter without a Hessian estimate appears).
+        n_samples: Rademacher probes per refresh.
+        hessian_power: :math:`p` in :math:`(D/c_2)^p`: a float in (0, 1] or a callable of the step.
+        eps: added to the preconditioner (``eps_placement`` says where).
+        perturb_eps: :math:`\epsilon_\rho` in :math:`\rho / (\lVert g\rVert + \epsilon_\rho)`.
+        adaptive: ASAM-style perturbation (norm of :math:`|\theta| g`, :math:`\epsilon \propto \theta^2 g`).
+        seed: seed of the counter-based probe stream.
+        hessian_method: ``"exact"`` (double backward), ``"finite_difference"``
+            (first-order passes only) or ``"auto"`` (exact where the engine allows it).
+        fd_scheme: ``"central"`` (two passes, default) or ``"forward"`` (one pass).
+        fd_step: relative finite-difference step :math:`h_0`; ``None`` picks 1e-3
+            for fp32/fp64 parameters and 2.5e-2 for bf16/fp16 ones. Under bf16
+            autocast with fp32 parameters pass 2.5e-2.
+        eps_placement: ``"after_power"`` (default, :math:`(D/c_2)^p + \epsilon`, as
+            the authors' code) or ``"inside_power"`` (:math:`(D/c_2 + \epsilon)^p`).
+        bias_correction: of :math:`D`: ``"hessian_updates"`` (default,
+            :math:`c_2 = 1-\beta_2^n` with :math:`n` refreshes), ``"global_step"``
+            (the authors': :math:`1-\beta_2^t`) or ``"none"``.
+        weight_decay_mode: ``"lr_scaled"`` (:math:`\theta \mathrel{-}= \eta\lambda\theta`)
+            or ``"lr_independent"`` (:math:`\theta \mathrel{-}= \lambda\theta`).
+        probe_mode: ``"per_rank"`` (each data-parallel rank its own probe),
+            ``"global"`` (one probe for the whole model, shard-independent) or ``"auto"``.
+        on_nonfinite: ``"skip"`` a step with a non-finite loss, gradient or
+            Hessian estimate (parameters and state untouched, counted in
+            ``skipped_steps``), or ``"raise"`` ``FloatingPointError`` after undoing it.
+        foreach: use the foreach kernels (default: on CUDA/XPU).
+        strategy: the engine strategy; detected from ``params`` when omitted.
+
+    One call per training step: ``optimizer.step(closure)``. The closure must
+    evaluate the model's loss at the *current* parameters on the step's batch
+    and return it as a scalar tensor with its graph. It must not call
+    ``backward``, ``zero_grad`` or ``step``, and must not change parameters or
+    draw a new batch: it is called 2 times per step, 3 on exact-Hessian steps'
+    fused pass counted once, plus 1 or 2 per probe on finite-difference
+    Hessian steps. Pass a list of closures for gradient accumulation, one per
+    micro-batch, each returning its share of the loss. ``step`` zeroes the
+    gradients itself and leaves the perturbed gradient in ``p.grad``.
+
+    Pass-by-pass, for loops that must control each pass (``step`` is exactly this)::
+
+        loss = opt.gradient_pass(closure)  # zero grads, grad at theta
+        opt.perturb(loss)                  # theta -> theta + eps (theta saved exactly)
+        opt.perturbed_pass(closure)        # grad at theta + eps (+ exact HVPs on Hessian steps)
+        opt.hessian_pass(closure)          # finite-difference HVPs on Hessian steps, else no-op
+        opt.update()                       # exact restore, then the update (or a skip)
+
+    ``gradient_pass`` may be replaced by any code that leaves the gradient at
+    theta in ``p.grad`` (for example an engine's own backward); ``cancel()``
+    undoes a started step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        rho: float = 0.05,
+        *,
+        lazy_hessian: int = 10,
+        n_samples: int = 1,
+        hessian_power: float | Callable[[int], float] = 0.5,
+        eps: float = 1e-4,
+        perturb_eps: float = 1e-12,
+        adaptive: bool = False,
+        seed: int = 0,
+        hessian_method: str = HESSIAN_AUTO,
+        fd_scheme: str = FD_CENTRAL,
+        fd_step: float | None = None,
+        eps_placement: str = EPS_AFTER_POWER,
+        bias_correction: str = BIAS_CORRECTION_HESSIAN_UPDATES,
+        weight_decay_mode: str = WEIGHT_DECAY_LR_SCALED,
+        probe_mode: str = PROBES_AUTO,
+        on_nonfinite: str = NONFINITE_SKIP,
+        foreach: bool | None = None,
+        strategy: Strategy | None = None,
+    ) -> None:
+        options = SasshaOptions(
+            lazy_hessian=lazy_hessian,
+            n_samples=n_samples,
+            hessian_power=hessian_power,
+            perturb_eps=perturb_eps,
+            adaptive=adaptive,
+            seed=seed,
+            hessian_method=hessian_method,
+            fd_scheme=fd_scheme,
+            fd_step=fd_step,
+            eps_placement=eps_placement,
+            bias_correction=bias_correction,
+            weight_decay_mode=weight_decay_mode,
+            probe_mode=probe_mode,
+            on_nonfinite=on_nonfinite,
+            foreach=foreach,
+        )
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "rho": rho, "eps": eps}
+        _validate_group(defaults)
+        super().__init__(params, defaults)
+        self.strategy = strategy if strategy is not None else resolve_strategy(self._all_params())
+        if options.hessian_method == HESSIAN_EXACT and not self.strategy.supports_exact_hessian:
+            raise ValueError(
+                f"Invalid hessian_method='exact' under {type(self.strategy).__name__}: this engine does not "
+                "allow double backward. Use hessian_method='finite_difference' (or 'auto')."
+            )
+        self.options = options
+        self.hessian_method = (
+            options.hessian_method
+            if options.hessian_method != HESSIAN_AUTO
+            else (HESSIAN_EXACT if self.strategy.supports_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
+        )
+        self.probe_mode = (
+            options.probe_mode
+            if options.probe_mode != PROBES_AUTO
+            else (PROBES_PER_RANK if self.strategy.supports_exact_hessian else PROBES_GLOBAL)
+        )
+        self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
+        self.last_report = StepReport()
+        self._pending: _PendingStep | None = None
+
+    @classmethod
+    def authors(cls, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **overrides: Any) -> Sassha:
+        """The authors' optimizer (:data:`AUTHORS_PRESET`), with ``overrides`` on top."""
+        return cls(params, **{**AUTHORS_PRESET, **overrides})
+
+    # -- construction and persistence -------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            _validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(options=self.options, strategy=self.strategy, counters=self.counters)
+        state.update(hessian_method=self.hessian_method, probe_mode=self.probe_mode)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        options = self.__dict__.setdefault("options", SasshaOptions())
+        self.__dict__.setdefault("strategy", resolve_strategy(self._all_params()))
+        self.__dict__.setdefault(
+            "counters", {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
+        )
+        exact_ok = self.strategy.supports_exact_hessian
+        self.__dict__.setdefault("hessian_method", HESSIAN_EXACT if exact_ok else HESSIAN_FINITE_DIFFERENCE)
+        self.__dict__.setdefault("probe_mode", PROBES_PER_RANK if exact_ok else PROBES_GLOBAL)
+        self.__dict__.setdefault("last_report", StepReport())
+        self.__dict__["_pending"] = None
+        del options
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the optimizer-wide counters under ``state_keys.COUNTERS``."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "state_dict() inside a step (between perturb() and update()); save after update()."
+            )
+        state_dict = super().state_dict()
+        state_dict[keys.COUNTERS] = dict(self.counters)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a Sassha state dict; ``m`` and ``D`` keep their fp32 precision for low-precision params.
+
+        A state dict without counters (an older format) derives them from the
+        per-parameter state.
+        """
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() inside a step (between perturb() and update()).")
+        state_dict = dict(state_dict)
+        counters = state_dict.pop(keys.COUNTERS, None)
+        saved_state = state_dict.get("state", {})
+        for saved in saved_state.values():
+            missing = {keys.MOMENTUM, keys.HESSIAN_DIAG, keys.STEP, keys.HESSIAN_UPDATES} - set(saved)
+            if missing:
+                raise ValueError(
+                    f"Invalid state_dict for Sassha: a parameter's state lacks {sorted(missing)} "
+                    f"(it has {sorted(saved)}); was it saved by another optimizer?"
+                )
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        params = self._all_params()
+        for saved_id, param in zip(saved_ids, params, strict=False):
+            saved = saved_state.get(saved_id)
+            if saved is not None and tuple(saved[keys.MOMENTUM].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"Invalid state_dict for Sassha: state of shape {tuple(saved[keys.MOMENTUM].shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}; was it saved for another model?"
+                )
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params, strict=False):
+            saved = saved_state.get(saved_id)
+            if saved is None:
+                continue
+            for key in (keys.MOMENTUM, keys.HESSIAN_DIAG):
+                self.state[param][key] = saved[key].to(
+                    device=param.device, dtype=state_dtype(param.dtype), copy=True
+                )
+        if counters is None:
+            steps = [int(s[keys.STEP]) for s in self.state.values()] or [0]
+            refreshes = [int(s[keys.HESSIAN_UPDATES]) for s in self.state.values()] or [0]
+            counters = {
+                keys.GLOBAL_STEP: max(steps),
+                keys.HESSIAN_REFRESHES: max(refreshes),
+                keys.SKIPPED_STEPS: 0,
+            }
+        self.counters = {
+            k: int(counters[k]) for k in (keys.GLOBAL_STEP, keys.HESSIAN_REFRESHES, keys.SKIPPED_STEPS)
+        }
+
+    # -- the one-call step ----------------------------------------------------------------
+
+    def step(self, closure: Closure | Sequence[Closure] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One SASSHA step; returns the loss at the pre-step parameters (detached)."""
+        closures = _as_closures(closure)
+        try:
+            loss = self.gradient_pass(closures)
+            self.perturb(loss)
+            self.perturbed_pass(closures)
+            self.hessian_pass(closures)
+        except BaseException:
+            self.cancel()
+            raise
+        self.update()
+        return loss
+
+    # -- the passes -----------------------------------------------------------------------
+
+    def gradient_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
+        """Zero the gradients and accumulate the gradient at the current parameters; returns the loss."""
+        if self._pending is not None:
+            raise RuntimeError("gradient_pass() inside a step: call update() or cancel() first.")
+        self.zero_grad(set_to_none=True)
+        return self._backward_all(_as_closures(closure), self._trainable_params())
+
+    @torch.no_grad()
+    def perturb(self, loss: torch.Tensor | None = None) -> None:
+        """Move each parameter with a gradient to :math:`\\theta + \\epsilon`, saving :math:`\\theta` exactly.
+
+        Reads the gradient at :math:`\\theta` from ``p.grad``; ``loss`` (optional)
+        joins the finiteness check.
+        """
+        if self._pending is not None:
+            raise RuntimeError("perturb() called twice: call update() or cancel() to finish the step first.")
+        params, probe_indices, group_indices = [], [], []
+        ordinal = 0
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            "Sassha does not support sparse gradients; build the layer with dense "
+                            "gradients (for example nn.Embedding(..., sparse=False))."
+                        )
+                    params.append(p)
+                    probe_indices.append(ordinal)
+                    group_indices.append(group_index)
+                ordinal += 1
+        grads = [p.grad for p in params]
+        report = StepReport(loss=None if loss is None else loss.detach())
+        hessian_due = bool(params) and (
+            self.counters[keys.GLOBAL_STEP] % self.options.lazy_hessian == 0
+            or any(int(self.state[p].get(keys.HESSIAN_UPDATES, 0)) == 0 for p in params)
+        )
+        pending = _PendingStep(params, probe_indices, group_indices, [], hessian_due, report)
+        if loss is not None:
+            pending.checks.append(("loss", _finite(loss.detach())))
+        if params:
+            sq_norm = perturbation_sq_norm(
+                params, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
+            )
+            grad_norm = self.strategy.sum_scalar(sq_norm).sqrt()
+            report.grad_norm = grad_norm
+            pending.checks.append(("gradient", _finite(grad_norm)))
+            denominator = grad_norm + self.options.perturb_eps
+            group_scales = [group["rho"] / denominator for group in self.param_groups]
+            pending.theta = [p.detach().clone() for p in params]
+            apply_perturbation(
+                params,
+                grads,
+                [group_scales[g] for g in group_indices],
+                adaptive=self.options.adaptive,
+                foreach=self.options.foreach,
+            )
+        self._pending = pending
+
+    def perturbed_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
+        """The gradient at :math:`\\theta + \\epsilon` into ``p.grad``; on exact-Hessian steps also the HVPs.
+
+        The exact Hutchinson estimate reuses this pass's graph: one forward,
+        the gradient with ``create_graph=True``, then one double backward per probe.
+        """
+        pending = self._require_pending("perturbed_pass")
+        closures = _as_closures(closure)
+        self.zero_grad(set_to_none=True)
+        if pending.hessian_due and self.hessian_method == HESSIAN_EXACT:
+            loss = self._exact_hessian_pass(pending, closures)
+        else:
+            loss = self._backward_all(closures, pending.params)
+        pending.report.perturbed_loss = loss
+        pending.checks.append(("perturbed loss", _finite(loss)))
+        pending.checks.append(("perturbed gradient", self._grads_finite(pending.params)))
+        return loss
+
+    @torch.no_grad()
+    def hessian_pass(self, closure: Closure | Sequence[Closure]) -> None:
+        r"""Finite-difference Hutchinson estimate at :math:`w = \theta + \epsilon` on Hessian steps.
+
+        Central: :math:`z \odot (g(w+hz) - g(w-hz)) / 2h`, two passes per probe;
+        forward: :math:`z \odot (g(w+hz) - \tilde g) / h`, one pass per probe.
+        :math:`h = h_0 \lVert w\rVert / \lVert z\rVert`, one scalar for the whole model.
+        A no-op on other steps and with ``hessian_method="exact"``.
+        """
+        pending = self._require_pending("hessian_pass")
+        if not (pending.hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE):
+            return
+        closures = _as_closures(closure)
+        params = pending.params
+        perturbed_grads = self._take_grads(params)
+        point = [p.detach().clone() for p in params]
+        point_norm = float(self.strategy.sum_scalar(sq_norm(point, foreach=self.options.foreach)).sqrt())
+        num_elements = sum(self.strategy.full_numel(p) for p in params)
+        fd_step = (
+            self.options.fd_step if self.options.fd_step is not None else default_fd_step(params[0].dtype)
+        )
+        h = finite_difference_step(fd_step, point_norm, num_elements)
+        central = self.options.fd_scheme == FD_CENTRAL
+        weight = 1.0 / ((2.0 * h if central else h) * self.options.n_samples)
+        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in params]
+        for sample in range(self.options.n_samples):
+            probes = self._probes(pending, sample)
+            difference = self._gradient_at(params, point, probes, h, closures)
+            if central:
+                torch._foreach_sub_(difference, self._gradient_at(params, point, probes, -h, closures))
+            else:
+                torch._foreach_sub_(difference, [g.to(d.dtype) for g, d in zip(perturbed_grads, difference)])
+            for est, z, diff in zip(estimates, probes, difference, strict=True):
+                est.addcmul_(z.to(est.dtype), diff, value=weight)
+        torch._foreach_copy_(params, point)
+        for p, g in zip(params, perturbed_grads, strict=True):
+            p.grad = g
+        pending.estimates = estimates
+        pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
+
+    @torch.no_grad()
+    def update(self) -> StepReport:
+        """Restore :math:`\\theta` exactly, then update, or skip the step if anything was non-finite."""
+        pending = self._require_pending("update")
+        self._pending = None
+        if pending.params:
+            torch._foreach_copy_(pending.params, pending.theta)
+        report = pending.report
+        self.last_report = report
+        bad = self._first_nonfinite(pending.checks)
+        if bad is not None:
+            self.counters[keys.SKIPPED_STEPS] += 1
+            report.skipped, report.reason = True, f"non-finite {bad}"
+            message = (
+                f"Sassha skipped step {self.counters[keys.GLOBAL_STEP] + 1}: non-finite {bad}; "
+                f"parameters and state are unchanged ({self.counters[keys.SKIPPED_STEPS]} skipped so far)."
+            )
+            if self.options.on_nonfinite == NONFINITE_RAISE:
+                raise FloatingPointError(message)
+            logger.warning(message)
+            return report
+        if not pending.params:
+            return report
+        global_step = self.counters[keys.GLOBAL_STEP] + 1
+        power = self.options.power_at(global_step)
+        params = pending.params
+        for p in params:
+            self._ensure_state(p)
+        if pending.hessian_due:
+            estimates = pending.estimates
+            if estimates is None:
+                raise RuntimeError(
+                    "This is a Hessian step with hessian_method='finite_difference': call "
+                    "hessian_pass(closure) before update()."
+                )
+            update_hessian_ema(
+                [self.state[p][keys.HESSIAN_DIAG] for p in params],
+                estimates,
+                [self.param_groups[g]["betas"][1] for g in pending.group_indices],
+                foreach=self.options.foreach,
+            )
+            for p in params:
+                self.state[p][keys.HESSIAN_UPDATES] += 1
+            self.counters[keys.HESSIAN_REFRESHES] += 1
+            report.hessian_refreshed = True
+        for group_index, group in enumerate(self.param_groups):
+            members = [p for p, g in zip(params, pending.group_indices, strict=True) if g == group_index]
+            if not members:
+                continue
+            states = [self.state[p] for p in members]
+            for s in states:
+                s[keys.STEP] += 1
+            sassha_update(
+                members,
+                [p.grad if p.grad is not None else torch.zeros_like(p) for p in members],
+                [s[keys.MOMENTUM] for s in states],
+                [s[keys.HESSIAN_DIAG] for s in states],
+                [int(s[keys.STEP]) for s in states],
+                [int(s[keys.HESSIAN_UPDATES]) for s in states],
+                self._hyperparameters(group, power),
+                foreach=self.options.foreach,
+            )
+        self.counters[keys.GLOBAL_STEP] = global_step
+        return report
+
+    @torch.no_grad()
+    def cancel(self) -> None:
+        """Abandon a started step: restore :math:`\\theta` exactly, leave state untouched."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.params:
+            torch._foreach_copy_(pending.params, pending.theta)
+
+    # -- diagnostics ----------------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.counters[keys.SKIPPED_STEPS]
+
+    @torch.no_grad()
+    def hessian_stats(self) -> dict[str, float]:
+        """Mean and max of the bias-uncorrected ``D`` over this rank's state (one sync)."""
+        diags = [s[keys.HESSIAN_DIAG] for s in self.state.values() if keys.HESSIAN_DIAG in s]
+        if not diags:
+            return {"hessian_mean": 0.0, "hessian_max": 0.0}
+        total = sum(d.sum(dtype=torch.float64) for d in diags)
+        count = sum(d.numel() for d in diags)
+        peak = torch.stack([d.max() for d in diags if d.numel()]).max()
+        return {"hessian_mean": float(total) / count, "hessian_max": float(peak)}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _trainable_params(self) -> list[torch.Tensor]:
+        return [p for p in self._all_params() if p.requires_grad]
+
+    def _require_pending(self, method: str) -> _PendingStep:
+        if self._pending is None:
+            raise RuntimeError(f"{method}() outside a step: call perturb() first (or use step(closure)).")
+        return self._pending
+
+    def _backward_all(self, closures: list[Closure], params: list[torch.Tensor]) -> torch.Tensor:
+        total = None
+        for closure in closures:
+            loss = _evaluate(closure)
+            self.strategy.backward(loss, params)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def _exact_hessian_pass(self, pending: _PendingStep, closures: list[Closure]) -> torch.Tensor:
+        params = pending.params
+        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in params]
+        perturbed_grads = [torch.zeros_like(p) for p in params]
+        probe_sets = [self._probes(pending, s) for s in range(self.options.n_samples)]
+        total = None
+        for closure in closures:
+            loss = _evaluate(closure)
+            grads = self.strategy.gradients_with_graph(loss, params)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            for sample, probes in enumerate(probe_sets):
+                retain = sample < len(probe_sets) - 1
+                products = exact_hvp(grads, params, probes, retain_graph=retain)
+                with torch.no_grad():
+                    for est, z, hv in zip(estimates, probes, products, strict=True):
+                        est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / len(probe_sets))
+            with torch.no_grad():
+                torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
+            total = loss.detach() if total is None else total + loss.detach()
+        self.strategy.average(perturbed_grads)
+        self.strategy.average(estimates)
+        for p, g in zip(params, perturbed_grads, strict=True):
+            p.grad = g
+        pending.estimates = estimates
+        pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
+        return total
+
+    def _probes(self, pending: _PendingStep, sample: int) -> list[torch.Tensor]:
+        rank = self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
+        refresh = self.counters[keys.HESSIAN_REFRESHES]
+        return [
+            rademacher(
+                probe_key(self.options.seed, refresh, index, sample, rank),
+                p.numel(),
+                offset=self.strategy.element_offset(p),
+                dtype=p.dtype,
+                device=p.device,
+            ).view_as(p)
+            for p, index in zip(pending.params, pending.probe_indices, strict=True)
+        ]
+
+    def _gradient_at(
+        self,
+        params: list[torch.Tensor],
+        point: list[torch.Tensor],
+        probes: list[torch.Tensor],
+        h: float,
+        closures: list[Closure],
+    ) -> list[torch.Tensor]:
+        """The gradient at ``point + h * probes`` (set exactly from ``point``), in the state dtype."""
+        torch._foreach_copy_(params, point)
+        torch._foreach_add_(params, probes, alpha=h)
+        with torch.enable_grad():
+            self._backward_all(closures, params)
+        return [g.to(state_dtype(g.dtype)) for g in self._take_grads(params)]
+
+    @staticmethod
+    def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    def _grads_finite(self, params: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        return self._all_finite(grads)
+
+    def _all_finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.ones((), dtype=torch.bool)
+        return _finite(self.strategy.sum_scalar(sq_norm(tensors, foreach=self.options.foreach)))
+
+    @staticmethod
+    def _first_nonfinite(checks: list[tuple[str, torch.Tensor]]) -> str | None:
+        if not checks:
+            return None
+        flags = torch.stack([flag.to(checks[0][1].device) for _, flag in checks]).tolist()
+        return next((name for (name, _), ok in zip(checks, flags, strict=True) if not ok), None)
+
+    def _ensure_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if keys.MOMENTUM in state:
+            return
+        dtype = state_dtype(p.dtype)
+        state[keys.MOMENTUM] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state[keys.HESSIAN_DIAG] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state[keys.STEP] = torch.tensor(0.0)
+        state[keys.HESSIAN_UPDATES] = torch.tensor(0.0)
+
+    def _hyperparameters(self, group: dict[str, Any], power: float) -> UpdateHyperparameters:
+        beta1, beta2 = group["betas"]
+        return UpdateHyperparameters(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            hessian_power=power,
+            eps_placement=self.options.eps_placement,
+            bias_correction=self.options.bias_correction,
+            weight_decay_mode=self.options.weight_decay_mode,
+        )
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Check one parameter group's hyperparameters; errors name the value and the fix."""
+    lr, rho, eps, weight_decay = group["lr"], group["rho"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr of shape {tuple(lr.shape)}. Must be a float or a 1-element tensor.")
+        lr = float(lr)
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid {lr=}. Must be >= 0 and finite.")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid {betas=}. Must be a pair (beta1, beta2).")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}. Must be in [0, 1).")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid {weight_decay=}. Must be >= 0 and finite.")
+    if not 0.0 <= rho < math.inf:
+        raise ValueError(f"Invalid {rho=}. Must be >= 0 and finite.")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"Invalid {eps=}. Must be >= 0 and finite.")
