@@ -766,11 +766,11 @@ class Sassha(Optimizer):
             return torch.ones((), dtype=torch.bool)
         return _finite(self.strategy.sum_scalar(sq_norm(tensors, foreach=self.options.foreach)))
 
-    @staticmethod
-    def _first_nonfinite(checks: list[tuple[str, torch.Tensor]]) -> str | None:
+    def _first_nonfinite(self, checks: list[tuple[str, torch.Tensor]]) -> str | None:
         if not checks:
             return None
-        flags = torch.stack([flag.to(checks[0][1].device) for _, flag in checks]).tolist()
+        flags = self.strategy.all_true(torch.stack([flag.to(checks[0][1].device) for _, flag in checks]))
+        flags = flags.tolist()
         return next((name for (name, _), ok in zip(checks, flags, strict=True) if not ok), None)
 
     def _ensure_state(self, p: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["SingleProcess", "Strategy", "resolve_strategy"]
 
@@ -43,6 +44,10 @@ class Strategy(ABC):
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a 0-dim tensor of per-rank partial sums over the ranks that shard the parameters."""
 
+    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise AND of boolean ``flags`` over all ranks, so every rank skips the same steps."""
+        return flags
+
     def element_offset(self, param: torch.Tensor) -> int:
         """Index of this rank's first local element in the full, flattened parameter."""
         return 0
@@ -70,6 +75,36 @@ class SingleProcess(Strategy):
         return value
 
 
+def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
+    for p in params:
+        if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
+            return "FSDP2 (fully_shard) / DTensor parameters"
+        if (
+            type(p).__name__ == "FlatParameter"
+            or getattr(p, "_is_flat_param", False)
+            or hasattr(p, "_fsdp_flattened")
+        ):
+            return "FSDP1 flat parameters"
+        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+            return "DeepSpeed ZeRO-3 partitioned parameters"
+    return None
+
+
 def resolve_strategy(params: Sequence[torch.Tensor]) -> Strategy:
-    """Pick the strategy for ``params``: the one place where engines are told apart."""
+    """Pick the strategy for ``params``: the one place where engines are told apart.
+
+    Several processes in an initialised process group with whole (replicated)
+    parameters mean data parallelism (DDP); one process means a single device.
+    Sharded parameters are recognised and refused until their strategies land.
+    """
+    unsupported = _unsupported_engine(params)
+    if unsupported is not None:
+        raise NotImplementedError(
+            f"Sassha does not support {unsupported} yet. Train with DDP or a single device, "
+            "or pass strategy=... with a Strategy for this engine."
+        )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from sassha_dist.distributed.data_parallel import DataParallel
+
+        return DataParallel()
     return SingleProcess()
