@@ -183,6 +183,7 @@ class _PendingStep:
     """State carried between the passes of one step, from ``perturb`` to ``update``."""
 
     params: list[torch.Tensor]
+    locals: list[torch.Tensor]
     probe_indices: list[int]
     group_indices: list[int]
     theta: list[torch.Tensor]
@@ -498,27 +499,28 @@ class Sassha(Optimizer):
                     probe_indices.append(ordinal)
                     group_indices.append(group_index)
                 ordinal += 1
-        grads = [p.grad for p in params]
+        local_params = [self.strategy.local(p) for p in params]
+        grads = [self.strategy.local(p.grad) for p in params]
         report = StepReport(loss=None if loss is None else loss.detach())
         hessian_due = bool(params) and (
             self.counters[keys.GLOBAL_STEP] % self.options.lazy_hessian == 0
             or any(int(self.state[p].get(keys.HESSIAN_UPDATES, 0)) == 0 for p in params)
         )
-        pending = _PendingStep(params, probe_indices, group_indices, [], hessian_due, report)
+        pending = _PendingStep(params, local_params, probe_indices, group_indices, [], hessian_due, report)
         if loss is not None:
             pending.checks.append(("loss", _finite(loss.detach())))
         if params:
             sq_norm = perturbation_sq_norm(
-                params, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
+                local_params, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
             )
             grad_norm = self.strategy.sum_scalar(sq_norm).sqrt()
             report.grad_norm = grad_norm
             pending.checks.append(("gradient", _finite(grad_norm)))
             denominator = grad_norm + self.options.perturb_eps
             group_scales = [group["rho"] / denominator for group in self.param_groups]
-            pending.theta = [p.detach().clone() for p in params]
+            pending.theta = [p.detach().clone() for p in local_params]
             apply_perturbation(
-                params,
+                local_params,
                 grads,
                 [group_scales[g] for g in group_indices],
                 adaptive=self.options.adaptive,
@@ -557,29 +559,31 @@ class Sassha(Optimizer):
         if not (pending.hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE):
             return
         closures = _as_closures(closure)
-        params = pending.params
-        perturbed_grads = self._take_grads(params)
-        point = [p.detach().clone() for p in params]
+        params, local_params = pending.params, pending.locals
+        saved_grads = [p.grad for p in params]
+        perturbed_grads = self._take_grads(params, local_params)
+        point = [p.detach().clone() for p in local_params]
         point_norm = float(self.strategy.sum_scalar(sq_norm(point, foreach=self.options.foreach)).sqrt())
-        num_elements = sum(self.strategy.full_numel(p) for p in params)
+        local_count = torch.tensor(float(sum(p.numel() for p in local_params)), dtype=torch.float64)
+        num_elements = round(float(self.strategy.sum_scalar(local_count.to(point[0].device))))
         fd_step = (
             self.options.fd_step if self.options.fd_step is not None else default_fd_step(params[0].dtype)
         )
         h = finite_difference_step(fd_step, point_norm, num_elements)
         central = self.options.fd_scheme == FD_CENTRAL
         weight = 1.0 / ((2.0 * h if central else h) * self.options.n_samples)
-        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in params]
+        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in local_params]
         for sample in range(self.options.n_samples):
             probes = self._probes(pending, sample)
-            difference = self._gradient_at(params, point, probes, h, closures)
+            difference = self._gradient_at(pending, point, probes, h, closures)
             if central:
-                torch._foreach_sub_(difference, self._gradient_at(params, point, probes, -h, closures))
+                torch._foreach_sub_(difference, self._gradient_at(pending, point, probes, -h, closures))
             else:
                 torch._foreach_sub_(difference, [g.to(d.dtype) for g, d in zip(perturbed_grads, difference)])
             for est, z, diff in zip(estimates, probes, difference, strict=True):
                 est.addcmul_(z.to(est.dtype), diff, value=weight)
-        torch._foreach_copy_(params, point)
-        for p, g in zip(params, perturbed_grads, strict=True):
+        torch._foreach_copy_(local_params, point)
+        for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
         pending.estimates = estimates
         pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
@@ -590,7 +594,7 @@ class Sassha(Optimizer):
         pending = self._require_pending("update")
         self._pending = None
         if pending.params:
-            torch._foreach_copy_(pending.params, pending.theta)
+            torch._foreach_copy_(pending.locals, pending.theta)
         report = pending.report
         self.last_report = report
         bad = self._first_nonfinite(pending.checks)
@@ -620,7 +624,7 @@ class Sassha(Optimizer):
                     "hessian_pass(closure) before update()."
                 )
             update_hessian_ema(
-                [self.state[p][keys.HESSIAN_DIAG] for p in params],
+                [self.strategy.local(self.state[p][keys.HESSIAN_DIAG]) for p in params],
                 estimates,
                 [self.param_groups[g]["betas"][1] for g in pending.group_indices],
                 foreach=self.options.foreach,
@@ -629,18 +633,22 @@ class Sassha(Optimizer):
                 self.state[p][keys.HESSIAN_UPDATES] += 1
             self.counters[keys.HESSIAN_REFRESHES] += 1
             report.hessian_refreshed = True
+        local = self.strategy.local
         for group_index, group in enumerate(self.param_groups):
-            members = [p for p, g in zip(params, pending.group_indices, strict=True) if g == group_index]
+            members = [i for i, g in enumerate(pending.group_indices) if g == group_index]
             if not members:
                 continue
-            states = [self.state[p] for p in members]
+            states = [self.state[params[i]] for i in members]
             for s in states:
                 s[keys.STEP] += 1
             sassha_update(
-                members,
-                [p.grad if p.grad is not None else torch.zeros_like(p) for p in members],
-                [s[keys.MOMENTUM] for s in states],
-                [s[keys.HESSIAN_DIAG] for s in states],
+                [pending.locals[i] for i in members],
+                [
+                    torch.zeros_like(pending.locals[i]) if params[i].grad is None else local(params[i].grad)
+                    for i in members
+                ],
+                [local(s[keys.MOMENTUM]) for s in states],
+                [local(s[keys.HESSIAN_DIAG]) for s in states],
                 [int(s[keys.STEP]) for s in states],
                 [int(s[keys.HESSIAN_UPDATES]) for s in states],
                 self._hyperparameters(group, power),
@@ -654,7 +662,7 @@ class Sassha(Optimizer):
         """Abandon a started step: restore :math:`\\theta` exactly, leave state untouched."""
         pending, self._pending = self._pending, None
         if pending is not None and pending.params:
-            torch._foreach_copy_(pending.params, pending.theta)
+            torch._foreach_copy_(pending.locals, pending.theta)
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -665,7 +673,9 @@ class Sassha(Optimizer):
     @torch.no_grad()
     def hessian_stats(self) -> dict[str, float]:
         """Mean and max of the bias-uncorrected ``D`` over this rank's state (one sync)."""
-        diags = [s[keys.HESSIAN_DIAG] for s in self.state.values() if keys.HESSIAN_DIAG in s]
+        diags = [
+            self.strategy.local(s[keys.HESSIAN_DIAG]) for s in self.state.values() if keys.HESSIAN_DIAG in s
+        ]
         if not diags:
             return {"hessian_mean": 0.0, "hessian_max": 0.0}
         total = sum(d.sum(dtype=torch.float64) for d in diags)
@@ -722,43 +732,50 @@ class Sassha(Optimizer):
         return total
 
     def _probes(self, pending: _PendingStep, sample: int) -> list[torch.Tensor]:
+        """Probe ``sample`` for each local tensor, segment by segment of the parameters it holds."""
         rank = self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
         refresh = self.counters[keys.HESSIAN_REFRESHES]
-        return [
-            rademacher(
-                probe_key(self.options.seed, refresh, index, sample, rank),
-                p.numel(),
-                offset=self.strategy.element_offset(p),
-                dtype=p.dtype,
-                device=p.device,
-            ).view_as(p)
-            for p, index in zip(pending.params, pending.probe_indices, strict=True)
-        ]
+        probes = []
+        for p, local, index in zip(pending.params, pending.locals, pending.probe_indices, strict=True):
+            z = torch.empty(local.numel(), dtype=local.dtype, device=local.device)
+            for seg in self.strategy.probe_segments(p, index):
+                z[seg.local_start : seg.local_start + seg.length] = rademacher(
+                    probe_key(self.options.seed, refresh, seg.param_index, sample, rank),
+                    seg.length,
+                    offset=seg.element_offset,
+                    dtype=local.dtype,
+                    device=local.device,
+                )
+            probes.append(z.view_as(local))
+        return probes
 
     def _gradient_at(
         self,
-        params: list[torch.Tensor],
+        pending: _PendingStep,
         point: list[torch.Tensor],
         probes: list[torch.Tensor],
         h: float,
         closures: list[Closure],
     ) -> list[torch.Tensor]:
-        """The gradient at ``point + h * probes`` (set exactly from ``point``), in the state dtype."""
-        torch._foreach_copy_(params, point)
-        torch._foreach_add_(params, probes, alpha=h)
+        """The local gradient at ``point + h * probes`` (set exactly from ``point``), in the state dtype."""
+        torch._foreach_copy_(pending.locals, point)
+        torch._foreach_add_(pending.locals, probes, alpha=h)
         with torch.enable_grad():
-            self._backward_all(closures, params)
-        return [g.to(state_dtype(g.dtype)) for g in self._take_grads(params)]
+            self._backward_all(closures, pending.params)
+        return [g.to(state_dtype(g.dtype)) for g in self._take_grads(pending.params, pending.locals)]
 
-    @staticmethod
-    def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    def _take_grads(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``."""
+        grads = [
+            torch.zeros_like(local) if p.grad is None else self.strategy.local(p.grad)
+            for p, local in zip(params, local_params, strict=True)
+        ]
         for p in params:
             p.grad = None
         return grads
 
     def _grads_finite(self, params: list[torch.Tensor]) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [self.strategy.local(p.grad) for p in params if p.grad is not None]
         return self._all_finite(grads)
 
     def _all_finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:

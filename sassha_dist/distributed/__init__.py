@@ -1,6 +1,7 @@
 """Engine strategies: how SASSHA's passes run under each training engine."""
 
 from sassha_dist.distributed.data_parallel import DataParallel
-from sassha_dist.distributed.strategy import SingleProcess, Strategy, resolve_strategy
+from sassha_dist.distributed.fully_shard import FullyShard
+from sassha_dist.distributed.strategy import ProbeSegment, SingleProcess, Strategy, resolve_strategy
 
-__all__ = ["DataParallel", "SingleProcess", "Strategy", "resolve_strategy"]
+__all__ = ["DataParallel", "FullyShard", "ProbeSegment", "SingleProcess", "Strategy", "resolve_strategy"]

@@ -11,11 +11,28 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-__all__ = ["SingleProcess", "Strategy", "resolve_strategy"]
+__all__ = ["ProbeSegment", "SingleProcess", "Strategy", "resolve_strategy"]
+
+
+@dataclass(frozen=True)
+class ProbeSegment:
+    """A run of a local tensor's elements that belongs to one parameter.
+
+    Elements ``local_start .. local_start + length - 1`` of the flattened local
+    tensor are elements ``element_offset ..`` of the full, flattened parameter
+    whose probe ordinal is ``param_index``.
+    """
+
+    local_start: int
+    length: int
+    param_index: int
+    element_offset: int
 
 
 class Strategy(ABC):
@@ -31,30 +48,30 @@ class Strategy(ABC):
         """Accumulate ``d loss / d params`` into ``p.grad`` through the engine's own reduction."""
 
     @abstractmethod
+    def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a 0-dim tensor of per-rank partial sums over the ranks that shard the parameters."""
+
     def gradients_with_graph(
         self, loss: torch.Tensor, params: Sequence[torch.Tensor]
     ) -> list[torch.Tensor | None]:
         """Local gradients with ``create_graph=True`` (no reduction yet), ``None`` where unused."""
+        raise NotImplementedError(f"{type(self).__name__} does not support exact Hessian-vector products.")
 
-    @abstractmethod
     def average(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Average ``tensors`` over data-parallel ranks, in place."""
-
-    @abstractmethod
-    def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a 0-dim tensor of per-rank partial sums over the ranks that shard the parameters."""
+        """Average ``tensors`` over data-parallel ranks, in place (after ``gradients_with_graph``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support exact Hessian-vector products.")
 
     def all_true(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise AND of boolean ``flags`` over all ranks, so every rank skips the same steps."""
         return flags
 
-    def element_offset(self, param: torch.Tensor) -> int:
-        """Index of this rank's first local element in the full, flattened parameter."""
-        return 0
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` (a parameter, its gradient or its state) this rank owns, as a view."""
+        return tensor
 
-    def full_numel(self, param: torch.Tensor) -> int:
-        """Number of elements of the full (unsharded) parameter."""
-        return param.numel()
+    def probe_segments(self, param: torch.Tensor, param_index: int) -> list[ProbeSegment]:
+        """Where this rank's local elements of ``param`` sit in the full parameters they belong to."""
+        return [ProbeSegment(0, self.local(param).numel(), param_index, 0)]
 
 
 class SingleProcess(Strategy):
@@ -77,8 +94,6 @@ class SingleProcess(Strategy):
 
 def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
     for p in params:
-        if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
-            return "FSDP2 (fully_shard) / DTensor parameters"
         if (
             type(p).__name__ == "FlatParameter"
             or getattr(p, "_is_flat_param", False)
@@ -93,10 +108,15 @@ def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
 def resolve_strategy(params: Sequence[torch.Tensor]) -> Strategy:
     """Pick the strategy for ``params``: the one place where engines are told apart.
 
-    Several processes in an initialised process group with whole (replicated)
+    DTensor parameters mean FSDP2 (``fully_shard``, HSDP included). Several
+    processes in an initialised process group with whole (replicated)
     parameters mean data parallelism (DDP); one process means a single device.
-    Sharded parameters are recognised and refused until their strategies land.
+    Engines without a strategy yet are recognised and refused.
     """
+    if params and all(isinstance(p, DTensor) for p in params):
+        from sassha_dist.distributed.fully_shard import FullyShard
+
+        return FullyShard(params)
     unsupported = _unsupported_engine(params)
     if unsupported is not None:
         raise NotImplementedError(
