@@ -489,8 +489,8 @@ class Sassha(Optimizer):
         ordinal = 0
         for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
+                if self.strategy.has_gradient(p):
+                    if p.grad is not None and p.grad.is_sparse:
                         raise RuntimeError(
                             "Sassha does not support sparse gradients; build the layer with dense "
                             "gradients (for example nn.Embedding(..., sparse=False))."
@@ -500,7 +500,7 @@ class Sassha(Optimizer):
                     group_indices.append(group_index)
                 ordinal += 1
         local_params = [self.strategy.local(p) for p in params]
-        grads = [self.strategy.local(p.grad) for p in params]
+        grads = self._local_grads(params, local_params)
         report = StepReport(loss=None if loss is None else loss.detach())
         hessian_due = bool(params) and (
             self.counters[keys.GLOBAL_STEP] % self.options.lazy_hessian == 0
@@ -641,12 +641,11 @@ class Sassha(Optimizer):
             states = [self.state[params[i]] for i in members]
             for s in states:
                 s[keys.STEP] += 1
+            member_params = [params[i] for i in members]
+            member_locals = [pending.locals[i] for i in members]
             sassha_update(
-                [pending.locals[i] for i in members],
-                [
-                    torch.zeros_like(pending.locals[i]) if params[i].grad is None else local(params[i].grad)
-                    for i in members
-                ],
+                member_locals,
+                self._local_grads(member_params, member_locals),
                 [local(s[keys.MOMENTUM]) for s in states],
                 [local(s[keys.HESSIAN_DIAG]) for s in states],
                 [int(s[keys.STEP]) for s in states],
@@ -766,21 +765,24 @@ class Sassha(Optimizer):
 
     def _take_grads(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``."""
-        grads = [
-            torch.zeros_like(local) if p.grad is None else self.strategy.local(p.grad)
-            for p, local in zip(params, local_params, strict=True)
-        ]
+        grads = self._local_grads(params, local_params)
         for p in params:
             p.grad = None
         return grads
 
+    def _local_grads(
+        self, params: list[torch.Tensor], local_params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Local views of the gradients of ``params`` (zeros where a parameter has none)."""
+        return [
+            torch.zeros_like(local) if p.grad is None else self.strategy.local(p.grad)
+            for p, local in zip(params, local_params, strict=True)
+        ]
+
     def _grads_finite(self, params: list[torch.Tensor]) -> torch.Tensor:
-        grads = [self.strategy.local(p.grad) for p in params if p.grad is not None]
-        return self._all_finite(grads)
+        return self._all_finite(self._local_grads(params, [self.strategy.local(p) for p in params]))
 
     def _all_finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not tensors:
-            return torch.ones((), dtype=torch.bool)
         return _finite(self.strategy.sum_scalar(sq_norm(tensors, foreach=self.options.foreach)))
 
     def _first_nonfinite(self, checks: list[tuple[str, torch.Tensor]]) -> str | None:

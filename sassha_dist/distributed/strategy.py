@@ -65,6 +65,10 @@ class Strategy(ABC):
         """Element-wise AND of boolean ``flags`` over all ranks, so every rank skips the same steps."""
         return flags
 
+    def has_gradient(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` takes part in this step (after the gradient pass)."""
+        return param.grad is not None
+
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """The part of ``tensor`` (a parameter, its gradient or its state) this rank owns, as a view."""
         return tensor
@@ -94,12 +98,6 @@ class SingleProcess(Strategy):
 
 def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
     for p in params:
-        if (
-            type(p).__name__ == "FlatParameter"
-            or getattr(p, "_is_flat_param", False)
-            or hasattr(p, "_fsdp_flattened")
-        ):
-            return "FSDP1 flat parameters"
         if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
             return "DeepSpeed ZeRO-3 partitioned parameters"
     return None
@@ -117,6 +115,11 @@ def resolve_strategy(params: Sequence[torch.Tensor]) -> Strategy:
         from sassha_dist.distributed.fully_shard import FullyShard
 
         return FullyShard(params)
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise ValueError(
+            "These parameters belong to an FSDP1 (FullyShardedDataParallel) module: build the optimizer "
+            "with strategy=sassha_dist.distributed.FlatShard(fsdp_model) (needs use_orig_params=True)."
+        )
     unsupported = _unsupported_engine(params)
     if unsupported is not None:
         raise NotImplementedError(
