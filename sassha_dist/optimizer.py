@@ -104,6 +104,7 @@ class SasshaOptions:
     hessian_power: float | Callable[[int], float] = 0.5
     perturb_eps: float = 1e-12
     adaptive: bool = False
+    local_perturbation: bool = False
     seed: int = 0
     hessian_method: str = HESSIAN_AUTO
     fd_scheme: str = FD_CENTRAL
@@ -246,6 +247,9 @@ class Sassha(Optimizer):
         eps: added to the preconditioner (``eps_placement`` says where).
         perturb_eps: :math:`\epsilon_\rho` in :math:`\rho / (\lVert g\rVert + \epsilon_\rho)`.
         adaptive: ASAM-style perturbation (norm of :math:`|\theta| g`, :math:`\epsilon \propto \theta^2 g`).
+        local_perturbation: each data-parallel rank perturbs with its own,
+            unreduced gradient (the authors' DDP code) instead of the global one.
+            Saves the first pass's all-reduce; needs whole parameters (DDP).
         seed: seed of the counter-based probe stream.
         hessian_method: ``"exact"`` (double backward), ``"finite_difference"``
             (first-order passes only) or ``"auto"`` (exact where the engine allows it).
@@ -305,6 +309,7 @@ class Sassha(Optimizer):
         eps: float = 1e-4,
         perturb_eps: float = 1e-12,
         adaptive: bool = False,
+        local_perturbation: bool = False,
         seed: int = 0,
         hessian_method: str = HESSIAN_AUTO,
         fd_scheme: str = FD_CENTRAL,
@@ -323,6 +328,7 @@ class Sassha(Optimizer):
             hessian_power=hessian_power,
             perturb_eps=perturb_eps,
             adaptive=adaptive,
+            local_perturbation=local_perturbation,
             seed=seed,
             hessian_method=hessian_method,
             fd_scheme=fd_scheme,
@@ -342,6 +348,11 @@ class Sassha(Optimizer):
             raise ValueError(
                 f"Invalid hessian_method='exact' under {type(self.strategy).__name__}: this engine does not "
                 "allow double backward. Use hessian_method='finite_difference' (or 'auto')."
+            )
+        if options.local_perturbation and not self.strategy.supports_local_gradients:
+            raise ValueError(
+                f"Invalid local_perturbation=True under {type(self.strategy).__name__}: it needs every rank "
+                "to hold whole parameters (DDP or a single device). Use local_perturbation=False."
             )
         self.options = options
         self.hessian_method = (
@@ -474,7 +485,8 @@ class Sassha(Optimizer):
         if self._pending is not None:
             raise RuntimeError("gradient_pass() inside a step: call update() or cancel() first.")
         self.zero_grad(set_to_none=True)
-        return self._backward_all(_as_closures(closure), self._trainable_params())
+        backward = self.strategy.local_backward if self.options.local_perturbation else self.strategy.backward
+        return self._backward_all(_as_closures(closure), self._trainable_params(), backward)
 
     @torch.no_grad()
     def perturb(self, loss: torch.Tensor | None = None) -> None:
@@ -563,9 +575,12 @@ class Sassha(Optimizer):
         saved_grads = [p.grad for p in params]
         perturbed_grads = self._take_grads(params, local_params)
         point = [p.detach().clone() for p in local_params]
-        point_norm = float(self.strategy.sum_scalar(sq_norm(point, foreach=self.options.foreach)).sqrt())
-        local_count = torch.tensor(float(sum(p.numel() for p in local_params)), dtype=torch.float64)
-        num_elements = round(float(self.strategy.sum_scalar(local_count.to(point[0].device))))
+        # ||w||^2 and the number of probe elements, summed over shards in one collective.
+        local_sq_norm = sq_norm(point, foreach=self.options.foreach)
+        local_count = torch.tensor(float(sum(p.numel() for p in local_params)), device=local_sq_norm.device)
+        totals = self.strategy.sum_scalar(torch.stack([local_sq_norm, local_count.to(local_sq_norm.dtype)]))
+        point_sq_norm, num_elements = totals.tolist()
+        point_norm, num_elements = math.sqrt(point_sq_norm), round(num_elements)
         fd_step = (
             self.options.fd_step if self.options.fd_step is not None else default_fd_step(params[0].dtype)
         )
@@ -695,11 +710,17 @@ class Sassha(Optimizer):
             raise RuntimeError(f"{method}() outside a step: call perturb() first (or use step(closure)).")
         return self._pending
 
-    def _backward_all(self, closures: list[Closure], params: list[torch.Tensor]) -> torch.Tensor:
+    def _backward_all(
+        self,
+        closures: list[Closure],
+        params: list[torch.Tensor],
+        backward: Callable[[torch.Tensor, Sequence[torch.Tensor]], None] | None = None,
+    ) -> torch.Tensor:
+        backward = backward or self.strategy.backward
         total = None
         for closure in closures:
             loss = _evaluate(closure)
-            self.strategy.backward(loss, params)
+            backward(loss, params)
             total = loss.detach() if total is None else total + loss.detach()
         return total
 

@@ -55,7 +55,7 @@ def _functional_loss(model: nn.Module):
     return loss_fn
 
 
-def _ddp_run(rank: int, world: int, method: str, probe_mode: str, count: bool) -> dict:
+def _ddp_run(rank: int, world: int, method: str, probe_mode: str, count: bool, local: bool = False) -> dict:
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     calls = {"reducer": 0, "python": 0}
@@ -74,7 +74,9 @@ def _ddp_run(rank: int, world: int, method: str, probe_mode: str, count: bool) -
             return original(*args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
-    optimizer = Sassha(ddp.parameters(), hessian_method=method, probe_mode=probe_mode, **KW)
+    optimizer = Sassha(
+        ddp.parameters(), hessian_method=method, probe_mode=probe_mode, local_perturbation=local, **KW
+    )
     assert isinstance(optimizer.strategy, DataParallel)
     x, y = _batches(world)[rank]
     losses, per_step = [], []
@@ -94,10 +96,11 @@ def _ddp_run(rank: int, world: int, method: str, probe_mode: str, count: bool) -
     return {"params": [p.detach().clone() for p in model.parameters()], "losses": losses, "calls": per_step}
 
 
-def _reference(method: str, probe_mode: str) -> tuple[list[torch.Tensor], list[float]]:
+def _reference(method: str, probe_mode: str, local: bool) -> tuple[list[torch.Tensor], list[float]]:
     model = _model()
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    ref = ReferenceSassha(params, ReferenceConfig(hessian_method=method, probe_mode=probe_mode, **KW))
+    config = ReferenceConfig(hessian_method=method, probe_mode=probe_mode, local_perturbation=local, **KW)
+    ref = ReferenceSassha(params, config)
     loss_fn = _functional_loss(copy.deepcopy(model))
     batches = _batches(WORLD)
     losses = [ref.step(loss_fn, batches) for _ in range(STEPS)]
@@ -105,12 +108,17 @@ def _reference(method: str, probe_mode: str) -> tuple[list[torch.Tensor], list[f
 
 
 @pytest.mark.parametrize(
-    ("method", "probe_mode"),
-    [("exact", "per_rank"), ("exact", "global"), ("finite_difference", "global")],
+    ("method", "probe_mode", "local"),
+    [
+        ("exact", "per_rank", False),
+        ("exact", "global", False),
+        ("finite_difference", "global", False),
+        ("exact", "per_rank", True),
+    ],
 )
-def test_ddp_matches_reference(method, probe_mode):
-    results = run_ranks(_ddp_run, WORLD, method, probe_mode, False)
-    ref_params, ref_losses = _reference(method, probe_mode)
+def test_ddp_matches_reference(method, probe_mode, local):
+    results = run_ranks(_ddp_run, WORLD, method, probe_mode, False, local)
+    ref_params, ref_losses = _reference(method, probe_mode, local)
     for result in results:
         for actual, expected in zip(result["params"], ref_params, strict=True):
             torch.testing.assert_close(actual, expected.detach(), rtol=1e-10, atol=1e-12)
@@ -130,3 +138,11 @@ def test_ddp_collective_budget():
                 assert (reducer, python) == (1, 3)
             else:
                 assert (reducer, python) == (2, 1)
+
+
+def test_ddp_local_perturbation_skips_the_first_reduction():
+    """The authors' local perturbation: the gradient at theta is never reduced."""
+    results = run_ranks(_ddp_run, WORLD, "exact", "per_rank", True, True)
+    for result in results:
+        for refreshed, reducer, python in result["calls"]:
+            assert (reducer, python) == ((0, 3) if refreshed else (1, 1))

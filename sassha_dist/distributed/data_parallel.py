@@ -4,6 +4,9 @@
   engine's own backward, so DDP's reducer averages it (overlapped with the
   backward pass). The global norm needs no communication: every rank holds
   the same averaged gradient.
+* ``local_perturbation=True`` (the authors' DDP code): the gradient at theta
+  comes from ``torch.autograd.grad``, which DDP does not reduce, so each rank
+  perturbs with its own gradient and norm; that pass then needs no all-reduce.
 * Exact-Hessian steps: the perturbed pass uses ``torch.autograd.grad`` with
   ``create_graph=True``, for which DDP's hooks do not fire. Each rank then
   holds its local perturbed gradient and its local ``z_r * (H_r z_r)``; one
@@ -40,6 +43,16 @@ class DataParallel(Strategy):
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
         # All of DDP's parameters must see the backward for its reducer to finish.
         loss.backward()
+
+    @staticmethod
+    def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    def local_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        # DDP's hooks do not fire for autograd.grad: the gradient stays this rank's own.
+        self._accumulate(params, torch.autograd.grad(loss, params, allow_unused=True))
 
     def gradients_with_graph(
         self, loss: torch.Tensor, params: Sequence[torch.Tensor]

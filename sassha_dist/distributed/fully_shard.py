@@ -34,6 +34,7 @@ class FullyShard(Strategy):
     """Parameters sharded as DTensors with placements ``(Replicate()*, Shard(0))``."""
 
     supports_exact_hessian = False
+    supports_local_gradients = False
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         dtensors = [p for p in params if isinstance(p, DTensor)]

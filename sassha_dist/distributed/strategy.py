@@ -40,6 +40,8 @@ class Strategy(ABC):
 
     #: Whether exact Hessian-vector products (double backward) work under this engine.
     supports_exact_hessian: bool = True
+    #: Whether each rank can take an unreduced gradient of its own loss (whole parameters).
+    supports_local_gradients: bool = True
     #: This process's data-parallel rank; mixed into the probe key in per-rank mode.
     rank: int = 0
 
@@ -49,7 +51,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a 0-dim tensor of per-rank partial sums over the ranks that shard the parameters."""
+        """Sum per-rank partial sums (0-dim or short 1-D) over the ranks that shard the parameters."""
+
+    def local_backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        """Accumulate this rank's ``d loss / d params`` into ``p.grad`` without any cross-rank reduction."""
+        raise NotImplementedError(f"{type(self).__name__} does not support unreduced local gradients.")
 
     def gradients_with_graph(
         self, loss: torch.Tensor, params: Sequence[torch.Tensor]
@@ -83,6 +89,8 @@ class SingleProcess(Strategy):
 
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
         torch.autograd.backward(loss, inputs=list(params))
+
+    local_backward = backward
 
     def gradients_with_graph(
         self, loss: torch.Tensor, params: Sequence[torch.Tensor]
