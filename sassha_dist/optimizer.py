@@ -804,7 +804,8 @@ class Sassha(Optimizer):
         return self._all_finite(self._local_grads(params, [self.strategy.local(p) for p in params]))
 
     def _all_finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return _finite(self.strategy.sum_scalar(sq_norm(tensors, foreach=self.options.foreach)))
+        """A local flag: ``update`` ANDs all flags over ranks in one collective."""
+        return _finite(sq_norm(tensors, foreach=self.options.foreach))
 
     def _first_nonfinite(self, checks: list[tuple[str, torch.Tensor]]) -> str | None:
         if not checks:

@@ -16,6 +16,7 @@ wrong probe offset, a missing norm all-reduce or a stale shard shows up at 1e-3.
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -26,19 +27,40 @@ from tests.distributed import run_ranks
 from tests.sharded import KW, STEPS, assert_matches_reference, batches, model
 
 
-def _fsdp2_run(rank: int, world: int, fd_scheme: str) -> dict:
+def _fsdp2_run(rank: int, world: int, fd_scheme: str, mesh_shape: tuple[int, ...] | None = None) -> dict:
+    """Train under fully_shard (an HSDP mesh when ``mesh_shape`` is 2-D), counting collectives per step."""
     model_ = model()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", mesh_shape or (world,))
     for layer in model_:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model_, mesh=mesh)
     optimizer = Sassha(model_.parameters(), fd_scheme=fd_scheme, **KW)
     assert isinstance(optimizer.strategy, FullyShard)
+    counts = {"all_reduce": 0, "reduce_scatter_single": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in counts:
+        setattr(dist, name, counting(name))
     x, y = batches(world)[rank]
-    losses = []
-    for _ in range(STEPS):
-        losses.append(optimizer.step(lambda: nn.functional.mse_loss(model_(x), y)).item())
+    losses, per_step = [], []
+    try:
+        for _ in range(STEPS):
+            before = dict(counts)
+            losses.append(optimizer.step(lambda: nn.functional.mse_loss(model_(x), y)).item())
+            per_step.append(
+                (optimizer.last_report.hessian_refreshed, *(counts[n] - before[n] for n in counts))
+            )
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
     sizes = []
     for p in model_.parameters():
         state = optimizer.state[p]
@@ -50,6 +72,7 @@ def _fsdp2_run(rank: int, world: int, fd_scheme: str) -> dict:
         "params": [p.full_tensor().detach().clone() for p in model_.parameters()],
         "losses": losses,
         "sizes": sizes,
+        "collectives": per_step,
     }
 
 
@@ -64,3 +87,23 @@ def test_fsdp2_matches_reference(world, fd_scheme):
         assert all(p == m == d for p, m, d, _ in local)
         assert sum(p for p, _, _, _ in local) == local[0][3]
     assert any(r["sizes"][-1][0] == 0 for r in results), "expected an empty shard"
+
+
+def test_fsdp2_collective_budget():
+    """Our own collectives per step: one all-reduce for the global norm and one for the skip
+    decision, plus one on Hessian steps for the finite-difference step size. Gradients move
+    only through FSDP2's reduce-scatter, once per FSDP unit (3 Linear layers) per pass: 2 passes,
+    plus 2 per probe (central differences, n_samples=2) on Hessian steps."""
+    units = 3
+    for result in run_ranks(_fsdp2_run, 2, "central", timeout=180):
+        for refreshed, all_reduces, reduce_scatters in result["collectives"]:
+            passes = 2 + (2 * KW["n_samples"] if refreshed else 0)
+            assert all_reduces == (3 if refreshed else 2)
+            assert reduce_scatters == units * passes
+
+
+def test_hsdp_matches_reference():
+    """An HSDP mesh (2 replicas x 1 shard): replicas all-reduce gradients, the norm is summed over
+    the shard group only; the trajectory equals the reference fed both ranks' batches."""
+    results = run_ranks(_fsdp2_run, 2, "central", (2, 1), timeout=180)
+    assert_matches_reference(results, 2, "central", rtol=1e-9)
