@@ -109,9 +109,11 @@ def sq_norm(tensors: Sequence[torch.Tensor], *, foreach: bool | None = None) -> 
         return torch.zeros(())
     device = tensors[0].device
     if _resolve_foreach(foreach, tensors):
-        norms = []
-        for _, (bucket,) in _by_device_and_dtype(tensors):
-            norms.extend(torch._foreach_norm(bucket, 2, dtype=state_dtype(bucket[0].dtype)))
+        # Norms go back to their tensors' positions, so the sum runs in the same order as the loop.
+        norms: list[torch.Tensor] = [torch.empty(())] * len(tensors)
+        for idx, (bucket,) in _by_device_and_dtype(tensors):
+            for i, norm in zip(idx, torch._foreach_norm(bucket, 2, dtype=state_dtype(bucket[0].dtype))):
+                norms[i] = norm
     else:
         norms = [torch.linalg.vector_norm(t, 2, dtype=state_dtype(t.dtype)) for t in tensors]
     widest = functools.reduce(torch.promote_types, (n.dtype for n in norms))

@@ -432,6 +432,14 @@ class Sassha(Optimizer):
                     f"Invalid state_dict for Sassha: a parameter's state lacks {sorted(missing)} "
                     f"(it has {sorted(saved)}); was it saved by another optimizer?"
                 )
+        for group in state_dict.get("param_groups", []):
+            missing = {"lr", "betas", "weight_decay", "rho", "eps"} - set(group)
+            if missing:
+                raise ValueError(
+                    f"Invalid state_dict for Sassha: a param group lacks {sorted(missing)}; "
+                    "was it saved by another optimizer?"
+                )
+            _validate_group(group)
         saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
         params = self._all_params()
         for saved_id, param in zip(saved_ids, params, strict=False):
@@ -446,9 +454,18 @@ class Sassha(Optimizer):
             saved = saved_state.get(saved_id)
             if saved is None:
                 continue
-            for key in (keys.MOMENTUM, keys.HESSIAN_DIAG):
-                self.state[param][key] = saved[key].to(
-                    device=param.device, dtype=state_dtype(param.dtype), copy=True
+            # torch casts floating state to the parameter's dtype and may alias the
+            # caller's tensors: keep m and D in the state dtype and counters in fp32, as copies.
+            for key, dtype in (
+                (keys.MOMENTUM, state_dtype(param.dtype)),
+                (keys.HESSIAN_DIAG, state_dtype(param.dtype)),
+                (keys.STEP, torch.float32),
+                (keys.HESSIAN_UPDATES, torch.float32),
+            ):
+                self.state[param][key] = torch.as_tensor(saved[key]).to(
+                    device=param.device if key in (keys.MOMENTUM, keys.HESSIAN_DIAG) else "cpu",
+                    dtype=dtype,
+                    copy=True,
                 )
         if counters is None:
             steps = [int(s[keys.STEP]) for s in self.state.values()] or [0]
@@ -853,7 +870,7 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid {betas=}. Must be a pair (beta1, beta2).")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}. Must be in [0, 1).")
+            raise ValueError(f"Invalid betas[{i}]={beta!r}. Must be in [0, 1).")
     if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid {weight_decay=}. Must be >= 0 and finite.")
     if not 0.0 <= rho < math.inf:

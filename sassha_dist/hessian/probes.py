@@ -45,6 +45,8 @@ def _splitmix64(x: int) -> int:
 
 def probe_key(seed: int, hessian_update: int, param_index: int, sample: int, rank: int = 0) -> int:
     """Mix the probe's coordinates (all non-negative ints) into one 64-bit key."""
+    if seed < 0:
+        raise ValueError(f"Invalid probe coordinate seed={seed}. Must be >= 0.")
     key = _splitmix64(seed & _MASK64)
     for name, field in (
         ("hessian_update", hessian_update),

@@ -152,6 +152,9 @@ def tiny_gpt2(seed: int = 0, **config_overrides):
         model = GPT2LMHeadModel(config)
     finally:
         torch.random.set_rng_state(state)
+    # transformers infers the loss from the class name, which "GPT2LMHeadModel" does not match.
+    # Name it, so the Trainer counts the tokens of the shifted labels when it normalises the loss.
+    model.loss_type = "ForCausalLM"
     return model
 
 

@@ -262,6 +262,50 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+_DEEPSPEED_MESSAGE = (
+    "optim='sassha' under DeepSpeed is not implemented yet: DeepSpeed's engine steps its own optimizer "
+    "inside backward, which breaks SASSHA's two passes. Remove --deepspeed (and any deepspeed section of "
+    "the accelerate config) and train with DDP (accelerate launch --multi_gpu, or "
+    "launch/accelerate/cpu_ddp.yaml on CPUs) or on a single device."
+)
+_FSDP_MESSAGE = (
+    "optim='sassha' under FSDP is not implemented yet (sharded parameters need SASSHA's sharded "
+    "strategy). Remove --fsdp (and the FSDP section of the accelerate config) and train with DDP or on "
+    "a single device."
+)
+_FP16_MESSAGE = (
+    "optim='sassha' does not support fp16 with a GradScaler: one loss scale cannot cover SASSHA's several "
+    "passes, and a step the scaler skips would leave a started SASSHA step behind. Use --bf16 or fp32."
+)
+
+
+def _is_sassha_cls(cls_and_kwargs: Any) -> bool:
+    return (
+        cls_and_kwargs is not None
+        and isinstance(cls_and_kwargs[0], type)
+        and issubclass(cls_and_kwargs[0], Sassha)
+    )
+
+
+def _selects_sassha(args: Any, kwargs: dict[str, Any]) -> bool:
+    optimizers = kwargs.get("optimizers") or (None, None)
+    return (
+        getattr(args, "optim", None) == SASSHA
+        or isinstance(_unwrap_optimizer(optimizers[0]), Sassha)
+        or _is_sassha_cls(kwargs.get("optimizer_cls_and_kwargs"))
+    )
+
+
+def _check_arguments(args: TrainingArguments) -> None:
+    """Configurations the training arguments alone rule out for SASSHA."""
+    if getattr(args, "deepspeed", None):
+        raise NotImplementedError(_DEEPSPEED_MESSAGE)
+    if getattr(args, "fsdp", None):
+        raise NotImplementedError(_FSDP_MESSAGE)
+    if getattr(args, "fp16", False):
+        raise ValueError(_FP16_MESSAGE)
+
+
 # -- the trainer -------------------------------------------------------------------------
 
 
@@ -278,6 +322,10 @@ class SasshaTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and _selects_sassha(training_args, kwargs):
+            # Before the Accelerator exists: refuse what the arguments alone already rule out.
+            _check_arguments(training_args)
         super().__init__(*args, **kwargs)
         self._sassha_window: list[tuple[dict[str, Any], Any]] = []
         if isinstance(self.optimizer, Sassha) and not isinstance(self.optimizer, TrainerSassha):
@@ -287,36 +335,21 @@ class SasshaTrainer(Trainer):
                 "optimizer_cls_and_kwargs=(Sassha, kwargs), or optim='sassha' with optim_args."
             )
         if self._uses_sassha():
-            self._check_sassha_setup()
+            self._check_engine()
 
     # -- set-up ----------------------------------------------------------------------------
 
     def _uses_sassha(self) -> bool:
-        if isinstance(self.optimizer, Sassha) or self.args.optim == SASSHA:
-            return True
-        cls_and_kwargs = self.optimizer_cls_and_kwargs
-        return (
-            cls_and_kwargs is not None
-            and isinstance(cls_and_kwargs[0], type)
-            and (issubclass(cls_and_kwargs[0], Sassha))
+        return _selects_sassha(self.args, {"optimizers": (self.optimizer, None)}) or _is_sassha_cls(
+            self.optimizer_cls_and_kwargs
         )
 
-    def _check_sassha_setup(self) -> None:
-        """Refuse, at start-up, configurations in which the two-pass step cannot be right."""
-        args = self.args
-        if self.is_deepspeed_enabled or getattr(args, "deepspeed", None):
-            raise NotImplementedError(
-                "optim='sassha' under DeepSpeed is not implemented yet: DeepSpeed's engine steps its own "
-                "optimizer inside backward, which breaks SASSHA's two passes. Remove --deepspeed (and any "
-                "deepspeed section of the accelerate config) and train with DDP (accelerate launch "
-                "--multi_gpu, or launch/accelerate/cpu_ddp.yaml) or on a single device."
-            )
-        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False) or args.fsdp:
-            raise NotImplementedError(
-                "optim='sassha' under FSDP is not implemented yet (sharded parameters need SASSHA's "
-                "sharded strategy). Remove --fsdp (and the FSDP section of the accelerate config) and "
-                "train with DDP or on a single device."
-            )
+    def _check_engine(self) -> None:
+        """Refuse, at start-up, engines (also those chosen by an accelerate config) that break the step."""
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError(_DEEPSPEED_MESSAGE)
+        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+            raise NotImplementedError(_FSDP_MESSAGE)
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         sizes = {name: getattr(self, f"get_{name}_size", lambda: 1)() for name in ("tp", "cp", "sp")}
         if parallelism is not None and any(size > 1 for size in sizes.values()):
@@ -324,16 +357,12 @@ class SasshaTrainer(Trainer):
                 f"optim='sassha' with tensor/context/sequence parallelism ({sizes}) is not implemented yet; "
                 "use data parallelism (DDP) only."
             )
-        if args.fp16 or getattr(self.accelerator, "scaler", None) is not None:
+        if getattr(self.accelerator, "scaler", None) is not None:
+            raise ValueError(_FP16_MESSAGE)
+        if self.args.n_gpu > 1:
             raise ValueError(
-                "optim='sassha' does not support fp16 with a GradScaler: one loss scale cannot cover "
-                "SASSHA's several passes (and a skipped scaler step would leave a started step). Use --bf16 "
-                "or fp32."
-            )
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"optim='sassha' does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process). "
-                "Launch one process per GPU instead: accelerate launch or torchrun (DDP)."
+                f"optim='sassha' does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one "
+                "process). Launch one process per GPU instead: accelerate launch or torchrun (DDP)."
             )
 
     @staticmethod
@@ -428,10 +457,10 @@ class SasshaTrainer(Trainer):
             optimizer.cancel()
             if "derivative for" in str(error) and "not implemented" in str(error):
                 raise RuntimeError(
-                    f"{error}\nSASSHA's exact Hessian-vector products need a double backward through the model, "
-                    "and one of its ops has none (typically fused SDPA / flash attention). Load the model with "
-                    "attn_implementation='eager' (or call model.set_attn_implementation('eager')), or pass "
-                    "--optim_args hessian_method=finite_difference (first-order passes only)."
+                    f"{error}\nSASSHA's exact Hessian-vector products need a double backward through the "
+                    "model, and one of its ops has none (typically fused SDPA / flash attention). Load the "
+                    "model with attn_implementation='eager' (or model.set_attn_implementation('eager')), "
+                    "or pass --optim_args hessian_method=finite_difference (first-order passes only)."
                 ) from error
             raise
         except BaseException:
