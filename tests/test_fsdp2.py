@@ -30,7 +30,10 @@ from tests.sharded import KW, STEPS, assert_matches_reference, batches, model
 def _fsdp2_run(rank: int, world: int, fd_scheme: str, mesh_shape: tuple[int, ...] | None = None) -> dict:
     """Train under fully_shard (an HSDP mesh when ``mesh_shape`` is 2-D), counting collectives per step."""
     model_ = model()
-    mesh = init_device_mesh("cpu", mesh_shape or (world,))
+    if mesh_shape is None:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
     for layer in model_:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
