@@ -1,0 +1,99 @@
+"""A small model trained end to end with SASSHA under torchrun: DDP, FSDP2 or FSDP1.
+
+    torchrun --standalone --nproc_per_node 2 launch/torchrun/train.py --engine fsdp2 --steps 50
+
+Runs on CPU (gloo) or GPUs (nccl, one per process). The model is a tiny
+residual MLP regressing a fixed random teacher, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sassha_dist import Sassha
+from sassha_dist.distributed import FlatShard
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.tanh(self.fc1(self.norm(x))))
+
+
+def build_model(width: int, depth: int) -> nn.Sequential:
+    return nn.Sequential(*[Block(width) for _ in range(depth)], nn.Linear(width, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engine", choices=["ddp", "fsdp2", "fsdp1"], default="ddp")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--lazy-hessian", type=int, default=5)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+
+    torch.manual_seed(0)  # identical initial weights on every rank
+    model = build_model(args.width, args.depth).to(device)
+    teacher = build_model(args.width, 1).to(device)
+    strategy = None
+    if args.engine == "ddp":
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    elif args.engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, device_id=device, use_orig_params=True)
+        strategy = FlatShard(model)
+
+    optimizer = Sassha(
+        model.parameters(), lr=args.lr, rho=args.rho, lazy_hessian=args.lazy_hessian, strategy=strategy
+    )
+    if rank == 0:
+        print(
+            f"engine={args.engine} world={world} strategy={type(optimizer.strategy).__name__} "
+            f"hessian={optimizer.hessian_method} probes={optimizer.probe_mode}",
+            flush=True,
+        )
+    generator = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own data
+    for step in range(args.steps):
+        x = torch.randn(args.batch, args.width, device=device, generator=generator)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = optimizer.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {mean_loss.item() / world:.5f}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
