@@ -34,7 +34,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from sassha_dist import state_keys as keys
-from sassha_dist.distributed.strategy import Strategy, resolve_strategy
+from sassha_dist.distributed.strategy import ProbeSegment, Strategy, resolve_strategy
 from sassha_dist.functional import (
     BIAS_CORRECTION_GLOBAL_STEP,
     BIAS_CORRECTION_HESSIAN_UPDATES,
@@ -347,7 +347,8 @@ class Sassha(Optimizer):
         if options.hessian_method == HESSIAN_EXACT and not self.strategy.supports_exact_hessian:
             raise ValueError(
                 f"Invalid hessian_method='exact' under {type(self.strategy).__name__}: this engine does not "
-                "allow double backward. Use hessian_method='finite_difference' (or 'auto')."
+                "allow double backward here. Use hessian_method='finite_difference' (or 'auto'); under "
+                "FSDP2, exact Hessians need strategy=FullyShard(model.parameters(), module=model)."
             )
         if options.local_perturbation and not self.strategy.supports_local_gradients:
             raise ValueError(
@@ -358,12 +359,12 @@ class Sassha(Optimizer):
         self.hessian_method = (
             options.hessian_method
             if options.hessian_method != HESSIAN_AUTO
-            else (HESSIAN_EXACT if self.strategy.supports_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
+            else (HESSIAN_EXACT if self.strategy.prefers_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
         )
         self.probe_mode = (
             options.probe_mode
             if options.probe_mode != PROBES_AUTO
-            else (PROBES_PER_RANK if self.strategy.supports_exact_hessian else PROBES_GLOBAL)
+            else (PROBES_PER_RANK if self.hessian_method == HESSIAN_EXACT else PROBES_GLOBAL)
         )
         self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
         self.last_report = StepReport()
@@ -397,9 +398,9 @@ class Sassha(Optimizer):
         self.__dict__.setdefault(
             "counters", {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
         )
-        exact_ok = self.strategy.supports_exact_hessian
-        self.__dict__.setdefault("hessian_method", HESSIAN_EXACT if exact_ok else HESSIAN_FINITE_DIFFERENCE)
-        self.__dict__.setdefault("probe_mode", PROBES_PER_RANK if exact_ok else PROBES_GLOBAL)
+        exact = self.strategy.prefers_exact_hessian
+        self.__dict__.setdefault("hessian_method", HESSIAN_EXACT if exact else HESSIAN_FINITE_DIFFERENCE)
+        self.__dict__.setdefault("probe_mode", PROBES_PER_RANK if exact else PROBES_GLOBAL)
         self.__dict__.setdefault("last_report", StepReport())
         self.__dict__["_pending"] = None
         del options
@@ -742,49 +743,76 @@ class Sassha(Optimizer):
         return total
 
     def _exact_hessian_pass(self, pending: _PendingStep, closures: list[Closure]) -> torch.Tensor:
+        """Perturbed gradient and exact Hutchinson estimate from one graph per micro-batch.
+
+        Differentiates with respect to the strategy's full parameter tensors (the
+        parameters themselves, or FSDP2's unsharded copies), with whole-tensor
+        probes, then lets the strategy average over ranks and return local shards.
+        """
         params = pending.params
-        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in params]
-        perturbed_grads = [torch.zeros_like(p) for p in params]
-        probe_sets = [self._probes(pending, s) for s in range(self.options.n_samples)]
+        samples = self.options.n_samples
+        estimates: list[torch.Tensor] = []
+        perturbed_grads: list[torch.Tensor] = []
+        probe_sets: list[list[torch.Tensor]] = []
         total = None
-        for closure in closures:
-            loss = _evaluate(closure)
-            grads = self.strategy.gradients_with_graph(loss, params)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-            for sample, probes in enumerate(probe_sets):
-                retain = sample < len(probe_sets) - 1
-                products = exact_hvp(grads, params, probes, retain_graph=retain)
+        with self.strategy.exact_hessian_context():
+            for closure in closures:
+                loss = _evaluate(closure)
+                inputs = self.strategy.differentiable_params(params)
+                if not probe_sets:
+                    estimates = [torch.zeros_like(t, dtype=state_dtype(t.dtype)) for t in inputs]
+                    perturbed_grads = [torch.zeros_like(t) for t in inputs]
+                    probe_sets = [
+                        self._whole_probes(inputs, pending.probe_indices, s) for s in range(samples)
+                    ]
+                grads = self.strategy.gradients_with_graph(loss, inputs)
+                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+                for sample, probes in enumerate(probe_sets):
+                    products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
+                    with torch.no_grad():
+                        for est, z, hv in zip(estimates, probes, products, strict=True):
+                            est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / samples)
                 with torch.no_grad():
-                    for est, z, hv in zip(estimates, probes, products, strict=True):
-                        est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / len(probe_sets))
-            with torch.no_grad():
-                torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
-            total = loss.detach() if total is None else total + loss.detach()
-        self.strategy.average(perturbed_grads)
-        self.strategy.average(estimates)
-        for p, g in zip(params, perturbed_grads, strict=True):
+                    torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
+                total = loss.detach() if total is None else total + loss.detach()
+        for p, g in zip(params, self.strategy.reduce_exact(params, perturbed_grads), strict=True):
             p.grad = g
-        pending.estimates = estimates
-        pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
+        pending.estimates = [self.strategy.local(e) for e in self.strategy.reduce_exact(params, estimates)]
+        pending.checks.append(("Hessian estimate", self._all_finite(pending.estimates)))
         return total
 
+    def _probe_rank(self) -> int:
+        return self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
+
+    def _probe(self, like: torch.Tensor, segments: list[ProbeSegment], sample: int) -> torch.Tensor:
+        """Probe ``sample`` for a tensor shaped like ``like``, filled segment by segment."""
+        refresh, rank = self.counters[keys.HESSIAN_REFRESHES], self._probe_rank()
+        z = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        for seg in segments:
+            z[seg.local_start : seg.local_start + seg.length] = rademacher(
+                probe_key(self.options.seed, refresh, seg.param_index, sample, rank),
+                seg.length,
+                offset=seg.element_offset,
+                dtype=like.dtype,
+                device=like.device,
+            )
+        return z.view_as(like)
+
     def _probes(self, pending: _PendingStep, sample: int) -> list[torch.Tensor]:
-        """Probe ``sample`` for each local tensor, segment by segment of the parameters it holds."""
-        rank = self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
-        refresh = self.counters[keys.HESSIAN_REFRESHES]
-        probes = []
-        for p, local, index in zip(pending.params, pending.locals, pending.probe_indices, strict=True):
-            z = torch.empty(local.numel(), dtype=local.dtype, device=local.device)
-            for seg in self.strategy.probe_segments(p, index):
-                z[seg.local_start : seg.local_start + seg.length] = rademacher(
-                    probe_key(self.options.seed, refresh, seg.param_index, sample, rank),
-                    seg.length,
-                    offset=seg.element_offset,
-                    dtype=local.dtype,
-                    device=local.device,
-                )
-            probes.append(z.view_as(local))
-        return probes
+        """Probe ``sample`` for each local shard, from the elements of the full parameters it holds."""
+        return [
+            self._probe(local, self.strategy.probe_segments(p, index), sample)
+            for p, local, index in zip(pending.params, pending.locals, pending.probe_indices, strict=True)
+        ]
+
+    def _whole_probes(
+        self, tensors: list[torch.Tensor], indices: list[int], sample: int
+    ) -> list[torch.Tensor]:
+        """Probe ``sample`` for whole (unsharded) parameter tensors."""
+        return [
+            self._probe(t, [ProbeSegment(0, t.numel(), index, 0)], sample)
+            for t, index in zip(tensors, indices, strict=True)
+        ]
 
     def _gradient_at(
         self,

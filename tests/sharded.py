@@ -37,7 +37,7 @@ def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def reference(world: int, fd_scheme: str) -> tuple[list[torch.Tensor], list[float]]:
+def reference(world: int, fd_scheme: str, **overrides) -> tuple[list[torch.Tensor], list[float]]:
     twin = model()
     names = [n for n, _ in twin.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in twin.parameters()]
@@ -47,7 +47,7 @@ def reference(world: int, fd_scheme: str) -> tuple[list[torch.Tensor], list[floa
         out = torch.func.functional_call(twin, dict(zip(names, ps, strict=True)), (x,))
         return nn.functional.mse_loss(out, y)
 
-    ref = ReferenceSassha(params, ReferenceConfig(fd_scheme=fd_scheme, **KW))
+    ref = ReferenceSassha(params, ReferenceConfig(fd_scheme=fd_scheme, **{**KW, **overrides}))
     per_rank = batches(world)
     losses = [ref.step(loss_fn, per_rank) for _ in range(STEPS)]
     return [p.detach() for p in params], losses

@@ -60,8 +60,10 @@ class DataParallel(Strategy):
         return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
 
     @torch.no_grad()
-    def average(self, tensors: Sequence[torch.Tensor]) -> None:
-        """One all-reduce per dtype over a flat copy of ``tensors``."""
+    def reduce_exact(
+        self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Average in place with one all-reduce per dtype over a flat copy of ``tensors``."""
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         for t in tensors:
             buckets[(t.device, t.dtype)].append(t)
@@ -73,6 +75,7 @@ class DataParallel(Strategy):
             for t in bucket:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
+        return list(tensors)
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         # Parameters are replicated, not sharded: a local sum is already global.

@@ -32,6 +32,7 @@ class FlatShard(Strategy):
     """Parameters of an FSDP1 (``FullyShardedDataParallel``) module built with ``use_orig_params=True``."""
 
     supports_exact_hessian = False
+    prefers_exact_hessian = False
     supports_local_gradients = False
 
     def __init__(self, module: nn.Module) -> None:

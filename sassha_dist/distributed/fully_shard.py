@@ -9,21 +9,36 @@
 * The global norm is a sum of local squares with one all-reduce over the
   shard group (on an HSDP mesh, the shard dimension only: replicas hold
   identical shards).
-* Double backward is not available (SPEC §4), so the Hessian comes from
-  finite differences with global probes: each rank generates its shard's
-  part of one model-wide probe from the element indices it owns, with no
-  communication beyond FSDP2's own all-gather and reduce-scatter.
+* Double backward through sharded parameters is not available (SPEC §4),
+  so by default the Hessian comes from finite differences with global probes:
+  each rank generates its shard's part of one model-wide probe from the
+  element indices it owns, with no communication beyond FSDP2's own
+  all-gather and reduce-scatter.
+* Optionally (``FullyShard(params, module=model)`` and
+  ``hessian_method="exact"``), exact per-rank probes as under DDP: for the
+  exact pass every FSDP unit keeps its parameters unsharded after forward and
+  backward, each rank double-backwards through FSDP2's unsharded parameters
+  with its own whole-model probe, every unit is resharded (no stale unsharded
+  copy survives the pass), and the perturbed gradient and ``z_r * (H_r z_r)``
+  are reduce-scattered (averaged) into the parameters' placements. The price
+  is memory: about 4x the full fp32 model per rank during that pass
+  (unsharded parameters, the gradient with its graph, ``Hz``, the estimate),
+  so it is for models whose unsharded copy fits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy
 
@@ -31,12 +46,16 @@ __all__ = ["FullyShard"]
 
 
 class FullyShard(Strategy):
-    """Parameters sharded as DTensors with placements ``(Replicate()*, Shard(0))``."""
+    """Parameters sharded as DTensors with placements ``(Replicate()*, Shard(0))``.
 
-    supports_exact_hessian = False
+    ``module`` (the ``fully_shard``-ed root) is needed only for exact Hessians.
+    """
+
+    prefers_exact_hessian = False
     supports_local_gradients = False
 
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], module: nn.Module | None = None) -> None:
+        params = list(params)
         dtensors = [p for p in params if isinstance(p, DTensor)]
         if not dtensors or len(dtensors) != len(params):
             raise ValueError("FullyShard needs every parameter to be a DTensor (a fully_shard'ed module).")
@@ -61,6 +80,53 @@ class FullyShard(Strategy):
         self.mesh: DeviceMesh = mesh
         self.shard_group = mesh.get_group(shard_dims.pop()) if shard_dims else None
         self.rank = dist.get_rank()
+        self.units = [] if module is None else [m for m in module.modules() if isinstance(m, FSDPModule)]
+        if module is not None and not self.units:
+            raise ValueError("FullyShard(module=...) needs the fully_shard-ed module.")
+        self.supports_exact_hessian = bool(self.units)
+
+    def _param_groups(self) -> list[Any]:
+        groups = [unit._get_fsdp_state()._fsdp_param_group for unit in self.units]
+        return [g for g in groups if g is not None]
+
+    @contextlib.contextmanager
+    def exact_hessian_context(self) -> Iterator[None]:
+        """Keep every unit unsharded through forward and double backward, then reshard all."""
+        groups = self._param_groups()
+        saved = [(g.post_forward_mesh_info, g.reshard_after_backward) for g in groups]
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in self.units:
+                unit.reshard()
+            for group, (mesh_info, after_backward) in zip(groups, saved, strict=True):
+                group.post_forward_mesh_info, group.reshard_after_backward = mesh_info, after_backward
+
+    def differentiable_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        unsharded = {
+            id(fp.sharded_param): fp.unsharded_param for g in self._param_groups() for fp in g.fsdp_params
+        }
+        return [unsharded[id(p)] for p in params]
+
+    def gradients_with_graph(
+        self, loss: torch.Tensor, inputs: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True))
+
+    @torch.no_grad()
+    def reduce_exact(
+        self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Reduce-scatter (average) each rank's full tensor into its parameter's placements."""
+        return [
+            DTensor.from_local(
+                t, p.device_mesh, [Partial("avg")] * p.device_mesh.ndim, run_check=False
+            ).redistribute(p.device_mesh, p.placements)
+            for p, t in zip(params, tensors, strict=True)
+        ]
 
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
         loss.backward()

@@ -9,6 +9,7 @@ ranks) goes through one :class:`Strategy`, chosen once by
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Strategy(ABC):
 
     #: Whether exact Hessian-vector products (double backward) work under this engine.
     supports_exact_hessian: bool = True
+    #: Whether ``hessian_method="auto"`` picks them (false where they cost unsharded memory).
+    prefers_exact_hessian: bool = True
     #: Whether each rank can take an unreduced gradient of its own loss (whole parameters).
     supports_local_gradients: bool = True
     #: This process's data-parallel rank; mixed into the probe key in per-rank mode.
@@ -57,14 +60,24 @@ class Strategy(ABC):
         """Accumulate this rank's ``d loss / d params`` into ``p.grad`` without any cross-rank reduction."""
         raise NotImplementedError(f"{type(self).__name__} does not support unreduced local gradients.")
 
+    def exact_hessian_context(self) -> contextlib.AbstractContextManager[None]:
+        """Entered around the exact-Hessian pass (FSDP2 keeps parameters unsharded inside it)."""
+        return contextlib.nullcontext()
+
+    def differentiable_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The full tensors to differentiate for ``params`` after a forward pass (exact Hessian)."""
+        return list(params)
+
     def gradients_with_graph(
-        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+        self, loss: torch.Tensor, inputs: Sequence[torch.Tensor]
     ) -> list[torch.Tensor | None]:
         """Local gradients with ``create_graph=True`` (no reduction yet), ``None`` where unused."""
         raise NotImplementedError(f"{type(self).__name__} does not support exact Hessian-vector products.")
 
-    def average(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Average ``tensors`` over data-parallel ranks, in place (after ``gradients_with_graph``)."""
+    def reduce_exact(
+        self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Average per-rank full ``tensors`` over ranks, laid out like ``params`` (sharded where they are)."""
         raise NotImplementedError(f"{type(self).__name__} does not support exact Hessian-vector products.")
 
     def all_true(self, flags: torch.Tensor) -> torch.Tensor:
@@ -97,8 +110,10 @@ class SingleProcess(Strategy):
     ) -> list[torch.Tensor | None]:
         return list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
 
-    def average(self, tensors: Sequence[torch.Tensor]) -> None:
-        return None
+    def reduce_exact(
+        self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        return list(tensors)
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         return value
