@@ -143,3 +143,20 @@ def test_fsdp2_exact_per_rank_probes_match_the_reference(world):
             torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
     mean_losses = [sum(r["losses"][t] for r in results) / world for t in range(STEPS)]
     torch.testing.assert_close(torch.tensor(mean_losses), torch.tensor(ref_losses), rtol=1e-9, atol=0)
+
+
+def test_global_probe_reference_is_the_single_process_run():
+    """Global-probe mode does not depend on W: the reference fed W per-rank batches (what the
+    sharded runs above are compared with) equals Sassha at W=1 on the concatenated batch.
+    Float64; mean of equal-size per-rank MSEs vs one MSE over all rows differs only in
+    summation order (~1e-16), amplified by the finite difference to ~1e-13: rtol=1e-9."""
+    world = 3
+    single = model()
+    x = torch.cat([b[0] for b in batches(world)])
+    y = torch.cat([b[1] for b in batches(world)])
+    optimizer = Sassha(single.parameters(), fd_scheme="central", **KW)
+    losses = [optimizer.step(lambda: nn.functional.mse_loss(single(x), y)).item() for _ in range(STEPS)]
+    ref_params, ref_losses = reference(world, "central")
+    for actual, expected in zip(single.parameters(), ref_params, strict=True):
+        torch.testing.assert_close(actual.detach(), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-9, atol=0)
