@@ -361,6 +361,12 @@ class Sassha(Optimizer):
             if options.hessian_method != HESSIAN_AUTO
             else (HESSIAN_EXACT if self.strategy.prefers_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
         )
+        if options.local_perturbation and self.hessian_method != HESSIAN_EXACT:
+            # Ranks perturbed to different points would pick different finite-difference steps.
+            raise ValueError(
+                "Invalid local_perturbation=True with hessian_method='finite_difference': local "
+                "perturbation needs hessian_method='exact' (as in the authors' code)."
+            )
         self.probe_mode = (
             options.probe_mode
             if options.probe_mode != PROBES_AUTO

@@ -201,3 +201,11 @@ def test_sparse_gradients_raise():
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step(lambda: head(emb(idx)).square().mean())
     assert_same(snapshot([*emb.parameters(), *head.parameters()]), before)
+
+
+def test_local_perturbation_needs_the_exact_hessian():
+    """Ranks perturbed to different points would choose different finite-difference steps."""
+    with pytest.raises(ValueError, match="local_perturbation"):
+        Sassha(
+            torch.nn.Linear(2, 1).parameters(), local_perturbation=True, hessian_method="finite_difference"
+        )
