@@ -33,7 +33,7 @@ def build_model(width: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*[Block(width) for _ in range(depth)], nn.Linear(width, 1))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine", choices=["ddp", "fsdp2", "fsdp1"], default="ddp")
     parser.add_argument("--steps", type=int, default=50)
@@ -43,10 +43,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--lazy-hessian", type=int, default=5)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def train(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -91,6 +92,14 @@ def main() -> None:
         dist.all_reduce(mean_loss)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  loss {mean_loss.item() / world:.5f}", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # The model, its DDP/FSDP wrappers and the optimizer are freed when train() returns,
+    # before the process group goes: a DDP reducer outliving its gloo group can hang at exit.
+    train(args)
     dist.barrier()
     dist.destroy_process_group()
 
