@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install sassha_dist and its extras without letting pip choose a torch build.
 #
-#   bash launch/install.sh                            # transformers/accelerate + dev tools
+#   bash launch/install.sh                            # transformers/accelerate, deepspeed, dev tools
 #   SASSHA_EXTRAS=transformers bash launch/install.sh
 #
 # A torch that is already installed (for example your CUDA build) is kept.
@@ -9,7 +9,7 @@
 # CPU wheel, where an unpinned `torch` would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${SASSHA_EXTRAS:-transformers,dev}"
+extras="${SASSHA_EXTRAS:-transformers,deepspeed,dev}"
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install "torch==2.13.0"
 fi

@@ -387,6 +387,7 @@ class Sassha(Optimizer):
         super().add_param_group(param_group)
         try:
             _validate_group(self.param_groups[-1])
+            _validate_params(self.param_groups[-1]["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -400,7 +401,8 @@ class Sassha(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         options = self.__dict__.setdefault("options", SasshaOptions())
-        self.__dict__.setdefault("strategy", resolve_strategy(self._all_params()))
+        if "strategy" not in self.__dict__:  # not setdefault: resolving may raise for a kept strategy
+            self.__dict__["strategy"] = resolve_strategy(self._all_params())
         self.__dict__.setdefault(
             "counters", {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
         )
@@ -558,7 +560,8 @@ class Sassha(Optimizer):
             apply_perturbation(
                 local_params,
                 grads,
-                [group_scales[g] for g in group_indices],
+                # on each parameter's device: a group may mix devices (the norm lives on the first's)
+                [group_scales[g].to(p.device) for g, p in zip(group_indices, local_params, strict=True)],
                 adaptive=self.options.adaptive,
                 foreach=self.options.foreach,
             )
@@ -911,3 +914,14 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid {rho=}. Must be >= 0 and finite.")
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid {eps=}. Must be >= 0 and finite.")
+
+
+def _validate_params(params: Iterable[torch.Tensor]) -> None:
+    """Refuse parameters Sassha cannot optimize, naming the fix."""
+    for p in params:
+        if p.is_complex():
+            raise ValueError(
+                f"Invalid parameter of dtype {p.dtype}: Sassha does not support complex parameters. "
+                "Optimize the real and imaginary parts as a real parameter (torch.view_as_real) and "
+                "rebuild the complex tensor with torch.view_as_complex in forward."
+            )

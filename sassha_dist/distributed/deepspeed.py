@@ -62,8 +62,10 @@ Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` store the inner
 optimizer's ``state_dict()``, which carries ``m``, ``D``, per-partition step
 counts and the optimizer-wide counters (global step, Hessian refreshes = probe
 position, skipped steps); a resumed run continues as if uninterrupted.
-DeepSpeed's universal checkpoints only know Adam's state keys: use
-:func:`to_universal` instead of ``ds_to_universal``.
+The checkpoint is DeepSpeed's rigid format (resume with the same data-parallel
+world size). DeepSpeed's universal checkpoints only know Adam's state keys:
+``ds_to_universal`` fails on a SASSHA checkpoint with ``KeyError: 'exp_avg'``,
+loading one is refused, and :func:`to_universal` raises saying so.
 
 Unsupported (each refused by :func:`check_config` with the fix): an ``optimizer``
 block in the config, fp16, ZeRO stage 0, optimizer/parameter offload, the
@@ -156,7 +158,10 @@ def check_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
             f"zero_optimization.stage is {stage}: SasshaDeepSpeed needs ZeRO stage 1, 2 or 3 (set "
             '"zero_optimization": {"stage": 1|2|3}); without ZeRO use plain Sassha under DDP'
         )
-    if _enabled(config.get("fp16")):
+    autocast = config.get("torch_autocast")
+    autocast_dtype = str(autocast.get("dtype", "")).lower() if _enabled(autocast) else ""
+    autocast_fp16 = autocast_dtype in ("fp16", "float16", "half", "torch.float16")
+    if _enabled(config.get("fp16")) or autocast_fp16:
         problems.append(
             "fp16 is enabled: dynamic loss scaling would skip and rescale the passes of one step "
             'independently; use "bf16": {"enabled": true} (or fp32)'
@@ -175,7 +180,7 @@ def check_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
                 "zero_optimization.elastic_checkpoint is true: elastic checkpoints keep only per-group "
                 "tensor state and drop SASSHA's counters; set it to false"
             )
-        if _enabled(zero.get("zenflow")) or "zenflow" in zero and zero["zenflow"]:
+        if zero.get("zenflow"):
             problems.append("zero_optimization.zenflow is set: ZenFlow has its own update loop; remove it")
     precision = config.get("data_types", {}) if isinstance(config.get("data_types"), dict) else {}
     if (
@@ -195,9 +200,10 @@ def check_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(config.get("checkpoint"), dict) and config["checkpoint"].get("load_universal", False):
         problems.append(
             "checkpoint.load_universal is true: DeepSpeed's universal checkpoints only carry Adam's "
-            "state; resume from the original checkpoint (or see sassha_dist.distributed.deepspeed.to_universal)"
+            "state, not SASSHA's; resume from the original checkpoint"
         )
-    if isinstance(config.get("pipeline"), dict) and int(config["pipeline"].get("stages", 1) or 1) > 1:
+    pipeline_stages = config["pipeline"].get("stages", 1) if isinstance(config.get("pipeline"), dict) else 1
+    if isinstance(pipeline_stages, int) and pipeline_stages > 1:
         problems.append("pipeline parallelism is not supported: SASSHA needs whole-model passes")
     if problems:
         raise ValueError("Invalid DeepSpeed config for SASSHA:\n  - " + "\n  - ".join(problems))
@@ -218,6 +224,8 @@ class DeepSpeedZero(Strategy):
     """
 
     supports_exact_hessian = False
+    prefers_exact_hessian = False
+    supports_local_gradients = False
 
     def __init__(self) -> None:
         self.ordinals: dict[int, int] = {}
@@ -368,6 +376,22 @@ class ZeroSassha(Sassha):
 # ------------------------------------------------------------------------------------ engine adapters
 
 
+def _real_mask(flat: torch.Tensor, segments: list[ProbeSegment]) -> torch.Tensor:
+    """True on a partition's elements that belong to a parameter, False on ZeRO's padding."""
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    for seg in segments:
+        mask[seg.local_start : seg.local_start + seg.length] = True
+    return mask
+
+
+@torch.no_grad()
+def _zero_padding(flats: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """Zero the padding of the fp32 partitions once: SASSHA then keeps it at zero (zero gradient,
+    zero probe), so norms over whole partitions are norms over the parameters."""
+    for flat, mask in zip(flats, masks, strict=True):
+        flat.masked_fill_(~mask, 0.0)
+
+
 class _Zero12:
     """Stages 1 and 2 (``DeepSpeedZeroOptimizer``): one fp32 partition per parameter group."""
 
@@ -392,6 +416,8 @@ class _Zero12:
                 if lo < hi:
                     segs.append(ProbeSegment(lo - start, hi - lo, strategy.ordinal(p), lo - offset))
             segments[id(flat)] = segs
+        self.masks = [_real_mask(flat, segments[id(flat)]) for flat in self.flats]
+        _zero_padding(self.flats, self.masks)
         groups = {id(g) for g in zero.real_dp_process_group}
         if len(groups) != 1:
             raise NotImplementedError(
@@ -404,7 +430,7 @@ class _Zero12:
         yield
 
     def gradients(self) -> list[torch.Tensor]:
-        """Copies of this rank's reduced gradient partitions, as ``DeepSpeedZeroOptimizer.step`` forms them."""
+        """Copies of the reduced gradient partitions, formed as ``DeepSpeedZeroOptimizer.step`` does."""
         zero, out = self.zero, []
         for i, flat in enumerate(self.flats):
             group = zero.real_dp_process_group[i]
@@ -421,6 +447,8 @@ class _Zero12:
                 else:
                     grad = zero.flatten(tensors)
             out.append(grad.reshape(-1).to(dtype=flat.dtype, copy=True))
+        for grad, mask in zip(out, self.masks, strict=True):
+            grad.masked_fill_(~mask, 0.0)
         return out
 
     def clear_gradients(self) -> None:
@@ -451,16 +479,19 @@ class _Zero3:
         self.order = order
         self.flats = [zero.fp32_partitioned_groups_flat[sg] for sg in order]
         segments: dict[int, list[ProbeSegment]] = {}
+        # Per sub-group, per parameter: how many leading elements of its gradient partition are real.
+        self.real_lengths: dict[int, list[int]] = {}
         groups = set()
         for sg in order:
             flat = zero.fp32_partitioned_groups_flat[sg]
             group = zero._get_sub_group_process_group(sg)
             groups.add(id(group))
             rank = dist.get_rank(group=group)
-            segs, local = [], 0
+            segs, local, lengths = [], 0, []
             for p in zero.fp16_groups[sg]:
                 chunk, numel = p.partition_numel(), p.ds_numel
                 length = max(0, min(chunk, numel - rank * chunk))
+                lengths.append(length)
                 if length:
                     segs.append(ProbeSegment(local, length, strategy.ordinal(p), rank * chunk))
                 local += chunk
@@ -469,10 +500,13 @@ class _Zero3:
                     f"Unexpected ZeRO-3 sub-group partition of {flat.numel()} elements (expected {local})."
                 )
             segments[id(flat)] = segs
+            self.real_lengths[sg] = lengths
         if len(groups) != 1:
             raise NotImplementedError(
                 "Sub-groups on different partition groups (MiCS, AutoEP) are not supported."
             )
+        self.masks = [_real_mask(flat, segments[id(flat)]) for flat in self.flats]
+        _zero_padding(self.flats, self.masks)
         strategy.bind(segments, zero.dp_process_group)
 
     @contextmanager
@@ -491,7 +525,15 @@ class _Zero3:
             for g, params in zip(groups, saved, strict=True):
                 g["params"] = params
 
+    @torch.no_grad()
     def gradients(self) -> list[torch.Tensor]:
+        """Copies of the reduced gradient partitions, as ``_prepare_fp32_grad_for_sub_group`` forms them.
+
+        A parameter's gradient partition is a reused buffer whose padding DeepSpeed never
+        writes (a rank holding none of a parameter's elements leaves all of it untouched),
+        so the padding is zeroed in place first: it would otherwise leak uninitialised
+        memory into the norm, the Hessian estimate, and DeepSpeed's own clipping norm.
+        """
         zero, out = self.zero, []
         for sg in self.order:
             tensors = zero.averaged_gradients.get(sg)
@@ -500,6 +542,9 @@ class _Zero3:
                     "No reduced gradient after the pass: the closures must compute the loss through "
                     "the engine (engine(batch)), not the bare module."
                 )
+            for grad, length in zip(tensors, self.real_lengths[sg], strict=True):
+                if length < grad.numel():
+                    grad.view(-1)[length:].zero_()
             flat = zero.fp32_partitioned_groups_flat[sg]
             out.append(zero.flatten(tensors).reshape(-1).to(dtype=flat.dtype, copy=True))
         return out
@@ -603,7 +648,10 @@ class SasshaDeepSpeed:
         self.engine = engine
         self.optimizer: ZeroSassha = inner
         self.stage = int(engine.zero_optimization_stage())
+        # The dtype the passes compute in, which sets the default finite-difference step.
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        if getattr(engine, "torch_autocast_enabled", lambda: False)():
+            self.compute_dtype = engine.torch_autocast_dtype()
 
     @property
     def last_report(self) -> StepReport:
@@ -619,39 +667,18 @@ class SasshaDeepSpeed:
                 f"Got {len(closures)} closure(s) for gradient_accumulation_steps={accumulation}: pass one "
                 "closure per micro-batch of the step."
             )
-        opt = self.optimizer
+        opt, engine = self.optimizer, self.engine
         if opt._pending is not None:
             raise RuntimeError("A step is already in progress on this optimizer.")
-        engine = self.engine
         boundary = engine._is_gradient_accumulation_boundary
-        pending = None
         try:
             with self.adapter.flats_in_groups():
                 try:
-                    loss = self._pass(closures, set_grads=True)
-                    opt.perturb(loss)
-                    pending = opt._pending
-                    self._check_partitions(pending)
-                    for flat in self.adapter.flats:
-                        flat.grad = None
-                    self.adapter.push_params()
-                    probe_sum = self._hessian(pending, closures) if pending.hessian_due else None
-                    perturbed_loss, perturbed = self._pass(closures, keep=True)
-                    pending.report.perturbed_loss = perturbed_loss
-                    pending.checks.append(("perturbed loss", torch.isfinite(perturbed_loss)))
-                    pending.checks.append(("perturbed gradient", self._finite(perturbed)))
-                    if probe_sum is not None:
-                        weight = probe_sum[1]
-                        for est, zsum, g in zip(pending.estimates, probe_sum[0], perturbed, strict=True):
-                            est.addcmul_(zsum, g, value=-weight)
-                    if pending.estimates is not None:
-                        pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
-                    del perturbed
+                    loss, pending = self._passes(closures)
                 except BaseException:
                     self._abort()
                     raise
-                ok = self._all_finite(pending.checks)
-                if not ok:
+                if not self._all_finite(pending.checks):
                     # Sassha's own skip path: restores theta, counts the skip (or raises).
                     self.adapter.clear_gradients()
                     try:
@@ -660,14 +687,38 @@ class SasshaDeepSpeed:
                         self.adapter.push_params()
                     return loss
                 opt._pending = None
-                pending.checks.clear()
             self._engine_update(pending)
         finally:
             engine._is_gradient_accumulation_boundary = boundary
         return loss
 
+    def _passes(self, closures: list[Closure]) -> tuple[torch.Tensor, _PendingStep]:
+        """Passes 1-4: gradient at theta, perturbation, Hessian, perturbed gradient (left in DeepSpeed)."""
+        opt = self.optimizer
+        loss = self._pass(closures, set_grads=True)
+        opt.perturb(loss)
+        pending = opt._pending
+        if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
+            raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
+        for flat in self.adapter.flats:
+            flat.grad = None
+        self.adapter.push_params()
+        forward = self._hessian(pending, closures) if pending.hessian_due else None
+        perturbed_loss, perturbed = self._pass(closures, keep=True)
+        pending.report.perturbed_loss = perturbed_loss
+        pending.checks.append(("perturbed loss", torch.isfinite(perturbed_loss)))
+        pending.checks.append(("perturbed gradient", self._finite(perturbed)))
+        if forward is not None:
+            # Forward differences: sum_s z_s * (g(w + h z_s) - g(w)) / (h S), g(w) known only now.
+            probe_sum, weight = forward
+            for est, z_sum, grad in zip(pending.estimates, probe_sum, perturbed, strict=True):
+                est.addcmul_(z_sum, grad, value=-weight)
+        if pending.estimates is not None:
+            pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
+        return loss, pending
+
     def _engine_update(self, pending: _PendingStep) -> None:
-        """``engine.step()``: DeepSpeed clips the perturbed gradient and calls ZeroSassha.step per partition."""
+        """``engine.step()``: DeepSpeed clips the perturbed gradient, calls ZeroSassha.step per partition."""
         opt, engine = self.optimizer, self.engine
         counters = dict(opt.counters)
         plan = _UpdatePlan(pending, counters, set())
@@ -675,28 +726,33 @@ class SasshaDeepSpeed:
         engine.set_gradient_accumulation_boundary(True)
         try:
             engine.step()
+        except BaseException:
+            self._restore_not_updated(plan)
+            raise
         finally:
             opt._plan = None
         # engine.step() counts one micro-step; a ZeRO step covers gradient_accumulation_steps of them.
         engine.micro_steps += engine.gradient_accumulation_steps() - 1
-        missing = [p for p in pending.params if id(p) not in plan.done]
-        if missing:
-            # DeepSpeed skipped the update (it saw an overflow): restore theta where it did not run.
-            with torch.no_grad():
-                for p, theta in zip(pending.params, pending.theta, strict=True):
-                    if id(p) not in plan.done:
-                        p.copy_(theta)
-            self.adapter.push_params()
-            opt.counters = dict(counters)
+        opt.counters = dict(counters)
+        opt.last_report = pending.report
+        if len(plan.done) < len(pending.params):
+            # DeepSpeed skipped the update (it saw an overflow): nothing was updated.
+            self._restore_not_updated(plan)
             opt.counters[keys.SKIPPED_STEPS] += 1
             pending.report.skipped, pending.report.reason = True, "DeepSpeed skipped the update (overflow)"
-            opt.last_report = pending.report
             return
-        opt.counters = dict(counters)
-        opt.counters[keys.GLOBAL_STEP] = counters[keys.GLOBAL_STEP] + 1
+        opt.counters[keys.GLOBAL_STEP] += 1
         if pending.hessian_due:
-            opt.counters[keys.HESSIAN_REFRESHES] = counters[keys.HESSIAN_REFRESHES] + 1
-        opt.last_report = pending.report
+            opt.counters[keys.HESSIAN_REFRESHES] += 1
+
+    @torch.no_grad()
+    def _restore_not_updated(self, plan: _UpdatePlan) -> None:
+        """Put theta back into the partitions ZeroSassha.step() did not reach, and resync the model."""
+        pending = plan.pending
+        for p, theta in zip(pending.params, pending.theta, strict=True):
+            if id(p) not in plan.done:
+                p.copy_(theta)
+        self.adapter.push_params()
 
     # -- passes ---------------------------------------------------------------------------
 
@@ -779,10 +835,6 @@ class SasshaDeepSpeed:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _check_partitions(self, pending: _PendingStep) -> None:
-        if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
-            raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
-
     def _finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.isfinite(sq_norm(tensors, foreach=self.optimizer.options.foreach))
 
@@ -791,15 +843,19 @@ class SasshaDeepSpeed:
         return bool(self.optimizer.strategy.all_true(flags).all())
 
     def _abort(self) -> None:
-        """Undo a failed step: restore theta, clear DeepSpeed's gradients, resync the model."""
-        opt = self.optimizer
+        """Undo a failed step: restore theta, clear DeepSpeed's gradients, resync the model.
+
+        The resync (a collective at stages 1/2) only runs once the parameters have moved.
+        """
+        moved = self.optimizer._pending is not None
         try:
-            opt.cancel()
+            self.optimizer.cancel()
             for flat in self.adapter.flats:
                 flat.grad = None
             self.adapter.clear_gradients()
         finally:
-            self.adapter.push_params()
+            if moved:
+                self.adapter.push_params()
 
 
 # ------------------------------------------------------------------------------------ entry points
