@@ -49,6 +49,27 @@ Checkpoints go through ``Sassha.state_dict()``, which carries ``m``, ``D`` and
 the optimizer-wide counters (step, Hessian refreshes, skipped steps); the
 probes are counter-based, so ``resume_from_checkpoint`` continues exactly.
 
+A step SASSHA skips for a non-finite loss, gradient or Hessian estimate
+(``on_nonfinite="skip"``) leaves parameters and optimizer state untouched; the
+Trainer still counts the step and steps the scheduler, as it does for any
+optimizer. Under DDP every micro-batch's backward inside the passes is reduced
+by DDP (the optimizer's ``DataParallel`` strategy, detected automatically),
+and the exact-Hessian pass is all-reduced by the strategy.
+
+Training logs gain, for the last step before each log: ``sassha/grad_norm``
+(norm of the gradient at theta, which scales the perturbation),
+``sassha/sharpness`` (the window's loss at theta + eps minus at theta),
+``sassha/hessian_mean`` / ``sassha/hessian_max`` (of ``D``, bias-uncorrected),
+``sassha/hessian_refreshed`` (1 if that step refreshed ``D``),
+``sassha/hessian_refreshes`` and ``sassha/skipped_steps`` (running totals).
+The Trainer's own ``grad_norm`` is the perturbed gradient's, before clipping.
+
+Not supported yet (a clear error at start-up): DeepSpeed, FSDP,
+tensor/context/sequence parallelism, fp16 with a GradScaler, and
+``torch.nn.DataParallel``. Exact Hessian-vector products need a model whose ops
+have a double backward: fused SDPA attention has none, so load models with
+``attn_implementation="eager"`` or use ``hessian_method=finite_difference``.
+
 ``optim_args`` for SASSHA (comma-separated ``key=value``): any keyword of
 :class:`~sassha_dist.Sassha` except ``lr`` and ``weight_decay`` (use
 ``--learning_rate`` and ``--weight_decay``, which the Trainer applies with its
