@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "step-time": ("step_time", "SASSHA step time vs AdamW and SAM-AdamW, and the floor of its passes"),
@@ -21,20 +23,36 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sassha_dist.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sassha_dist.bench",
+        description="Benchmarks and paper-claim checks for SASSHA (docs/benchmarks.md, docs/cost_model.md).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="subcommand")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(f"sassha_dist.bench.{module_name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").split("\n\n")[0])
         module.add_arguments(p)
         p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch intra-op CPU threads for this run (default: torch's). On a shared, oversubscribed "
+            "machine 1 is far less noisy: spinning threads wait for each other",
+        )
         p.set_defaults(module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    result = args.module.run(args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = args.module.run(args)
+    finally:
+        torch.set_num_threads(threads)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -10,10 +10,11 @@ are printed as ratios to a baseline measured in the same rounds.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,19 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU"
+        name = f"{_cpu_name()}, {os.cpu_count()} cores"
     return f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -135,14 +147,3 @@ def _cell(value: object) -> str:
             return "n/a"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
-
-
-@contextlib.contextmanager
-def timer() -> Iterator[Callable[[], float]]:
-    """``with timer() as elapsed: ...; elapsed()`` in seconds."""
-    start = time.perf_counter()
-    end: list[float] = []
-    try:
-        yield lambda: (end[0] if end else time.perf_counter()) - start
-    finally:
-        end.append(time.perf_counter())

@@ -106,7 +106,10 @@ class SamAdamW(torch.optim.AdamW):
             group.setdefault("rho", rho)
         self.perturb_eps = perturb_eps
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], torch.Tensor] | None = None, *, max_grad_norm: float | None = None
+    ) -> torch.Tensor:
+        """One SAM step; ``max_grad_norm`` clips the perturbed gradient before the AdamW update."""
         if closure is None:
             raise ValueError("SamAdamW needs a closure that returns the loss (without calling backward).")
         self.zero_grad(set_to_none=True)
@@ -130,6 +133,8 @@ class SamAdamW(torch.optim.AdamW):
             closure().backward()
         with torch.no_grad():
             torch._foreach_copy_(params, theta)
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
         super().step()
         return loss.detach()
 
@@ -145,16 +150,40 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], **hparams: Any) -
     raise ValueError(f"Invalid optimizer {name!r}. Must be one of {OPTIMIZERS}.")
 
 
-def train_step(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+def train_step(
+    optimizer: torch.optim.Optimizer,
+    closure: Callable[[], torch.Tensor],
+    *,
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
     """One training step under the closure contract (the closure never calls ``backward``).
 
-    Returns the detached loss at the pre-step parameters.
+    ``max_grad_norm`` clips the gradient the update uses (SAM-AdamW and SASSHA:
+    the perturbed gradient, through SASSHA's pass-by-pass API). Returns the
+    detached loss at the pre-step parameters.
     """
-    if isinstance(optimizer, (Sassha, SamAdamW)):
-        return optimizer.step(closure)
+    if isinstance(optimizer, Sassha):
+        if max_grad_norm is None:
+            return optimizer.step(closure)
+        try:
+            loss = optimizer.gradient_pass(closure)
+            optimizer.perturb(loss)
+            optimizer.perturbed_pass(closure)
+            optimizer.hessian_pass(closure)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
+        except BaseException:
+            optimizer.cancel()
+            raise
+        optimizer.update()
+        return loss.detach()
+    if isinstance(optimizer, SamAdamW):
+        return optimizer.step(closure, max_grad_norm=max_grad_norm)
     optimizer.zero_grad(set_to_none=True)
     loss = closure()
     loss.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
     return loss.detach()
 

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "Grid",
+    "Schedule",
     "Trial",
     "hessian_max_eigenvalue",
     "mean_std",
@@ -44,7 +45,11 @@ class Grid:
         for i, stage in enumerate(self.stages):
             keys = sorted({k for override in stage for k in override})
             values = "; ".join(", ".join(_fmt(o[k]) for o in stage if k in o) for k in keys)
-            where = "" if i == 0 else " at the best so far"
+            if i == 0:
+                later = [k for k in self.base if k not in keys and _tuned(k, self.stages)]
+                where = f" at {', '.join(f'{k}={_fmt(self.base[k])}' for k in later)}" if later else ""
+            else:
+                where = " at the best so far"
             parts.append(f"{'/'.join(keys)} in {{{values}}}{where}")
         return "; then ".join(parts) + (f" (fixed: {fixed})" if fixed else "")
 
@@ -78,7 +83,10 @@ def tune(
     *,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], list[Trial]]:
-    """Run the grid; ``evaluate(hparams) -> (score, metrics)``, lower scores better. Returns the best and all trials."""
+    """Run the grid; ``evaluate(hparams) -> (score, metrics)``, lower is better.
+
+    Returns the best configuration and every trial.
+    """
     trials: list[Trial] = []
     seen: dict[tuple, Trial] = {}
 
@@ -121,10 +129,17 @@ def pm(values: Sequence[float], digits: int = 4) -> str:
 
 
 def warmup_cosine(
-    total_steps: int, warmup_fraction: float = 0.05, floor: float = 0.1
+    total_steps: int, warmup_fraction: float = 0.05, floor: float = 0.1, *, warmup_steps: int | None = None
 ) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_fraction`` of the steps, then cosine down to ``floor``."""
-    warmup = max(1, round(warmup_fraction * total_steps))
+    """LR multiplier: linear warm-up, then cosine down to ``floor`` at ``total_steps``.
+
+    The warm-up lasts ``warmup_steps`` if given (at most half the run), else
+    ``warmup_fraction`` of the steps.
+    """
+    if warmup_steps is None:
+        warmup = max(1, round(warmup_fraction * total_steps))
+    else:
+        warmup = max(1, min(warmup_steps, total_steps // 2))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -133,6 +148,27 @@ def warmup_cosine(
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+class Schedule:
+    """``LambdaLR`` without its bookkeeping: sets each group's lr to ``base * factor(t)``.
+
+    torch's schedulers warn when ``optimizer.step`` was not called, which is
+    the case when SASSHA runs pass by pass (to clip its perturbed gradient).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+        self.optimizer, self.factor, self.t = optimizer, factor, 0
+        self.base = [group["lr"] for group in optimizer.param_groups]
+        self._apply()
+
+    def step(self) -> None:
+        self.t += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * self.factor(self.t)
 
 
 def hessian_max_eigenvalue(

@@ -11,7 +11,9 @@ Model: the tiny GPT-2 (2 layers, ``n_embd`` 64, ~125k parameters, eager
 attention, no dropout), trained from scratch. Each optimizer has a declared
 grid (:data:`GRIDS`, tuned on seed 0 at the full step budget), then runs at
 its best setting on every seed. Schedules: linear warm-up over 5% of the
-steps, cosine to 10% of the peak; no gradient clipping; weight decay 0.
+steps, cosine to 10% of the peak; the gradient the update uses (for SAM-AdamW
+and SASSHA the perturbed one) clipped to norm 1, as in the authors' GPT-2
+recipe; weight decay 0.
 
 Two comparisons:
 
@@ -36,7 +38,7 @@ import torch
 
 from sassha_dist.bench.common import Contestant, format_table, interleaved_times, machine_description, median
 from sassha_dist.bench.models import build_lm, build_optimizer, train_step
-from sassha_dist.bench.quality import Grid, mean_std, pm, tune, warmup_cosine
+from sassha_dist.bench.quality import Grid, Schedule, pm, tune, warmup_cosine
 
 __all__ = ["GRIDS", "add_arguments", "load_blocks", "run"]
 
@@ -50,11 +52,11 @@ GRIDS: dict[str, Grid] = {
     ),
     "sam-adamw": Grid(
         {"lr": 3e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "rho": 0.05},
-        (({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}), ({"rho": 0.02}, {"rho": 0.1})),
+        (({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}), ({"rho": 0.01}, {"rho": 0.02}, {"rho": 0.1})),
     ),
     "sassha": Grid(
-        {"lr": 0.1, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
-        (({"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}), ({"rho": 0.005}, {"rho": 0.05})),
+        {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
+        (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
     ),
 }
 
@@ -99,12 +101,19 @@ def train(
     batch_size: int,
     eval_every: int,
     eval_blocks: int | None,
+    warmup_steps: int,
+    max_grad_norm: float | None,
     final_splits: tuple[str, ...] = ("tune", "report"),
 ) -> dict[str, Any]:
-    """One run; returns the curve (step, wall seconds, tune loss) and the final losses."""
+    """One run; returns the curve (step, wall seconds, tune loss) and the final losses.
+
+    A run diverges (and stops) when its training loss is non-finite, or when
+    a curve point's validation loss is more than 0.5 nat above the untrained
+    model's; its final losses are then infinite.
+    """
     model = build_lm("tiny", seed=seed)
     opt = build_optimizer(optimizer_name, model.parameters(), **hparams)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    schedule = Schedule(opt, warmup_cosine(steps, warmup_steps=warmup_steps))
     train_blocks = data["train"]
     curve_blocks = data["tune"] if eval_blocks is None else data["tune"][:eval_blocks]
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -119,7 +128,9 @@ def train(
         ids = train_blocks[order[cursor : cursor + batch_size]]
         cursor += batch_size
         start = time.perf_counter()
-        loss = train_step(opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
+        loss = train_step(
+            opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss, max_grad_norm=max_grad_norm
+        )
         schedule.step()
         elapsed += time.perf_counter() - start
         if not math.isfinite(float(loss)):
@@ -127,6 +138,9 @@ def train(
             break
         if step % eval_every == 0 or step == steps:
             curve.append((step, elapsed, evaluate(model, curve_blocks)))
+            if not curve[-1][2] <= curve[0][2] + 0.5:
+                diverged = True
+                break
     final = {split: (math.inf if diverged else evaluate(model, data[split])) for split in final_splits}
     return {
         "optimizer": optimizer_name,
@@ -141,8 +155,26 @@ def train(
     }
 
 
+def _stepper(model, opt, batches: list[torch.Tensor], max_grad_norm: float | None):
+    cursor = {"i": 0}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            ids = batches[cursor["i"] % len(batches)]
+            cursor["i"] += 1
+            train_step(
+                opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss, max_grad_norm=max_grad_norm
+            )
+
+    return run
+
+
 def calibrate(
-    configs: dict[str, dict[str, Any]], data: dict[str, torch.Tensor], batch_size: int, rounds: int
+    configs: dict[str, dict[str, Any]],
+    data: dict[str, torch.Tensor],
+    batch_size: int,
+    rounds: int,
+    max_grad_norm: float | None,
 ) -> dict[str, float]:
     """Median seconds per training step of each tuned optimizer, interleaved in this process."""
     base = build_lm("tiny", seed=0)
@@ -151,14 +183,7 @@ def calibrate(
     for name, hparams in configs.items():
         model = copy.deepcopy(base)
         opt = build_optimizer(name, model.parameters(), **hparams)
-
-        def run(n, model=model, opt=opt, cursor={"i": 0}):  # noqa: B006 (per-contestant state)
-            for _ in range(n):
-                ids = batches[cursor["i"] % len(batches)]
-                cursor["i"] += 1
-                train_step(opt, lambda ids=ids: model(input_ids=ids, labels=ids).loss)
-
-        contestants.append(Contestant(name, run))
+        contestants.append(Contestant(name, _stepper(model, opt, batches, max_grad_norm)))
     lazy = max(int(h.get("lazy_hessian", 1)) for h in configs.values())
     times = interleaved_times(contestants, rounds=rounds, steps_per_round=lazy, device=torch.device("cpu"))
     return {name: median(t) for name, t in times.items()}
@@ -166,21 +191,29 @@ def calibrate(
 
 def measure(
     *,
-    steps: int = 800,
+    steps: int = 1200,
     seeds: int = 3,
-    batch_size: int = 16,
+    batch_size: int = 8,
     seq_len: int = 64,
     eval_every: int = 50,
-    eval_blocks: int | None = None,
+    eval_blocks: int | None = 128,
     grid: str = "full",
     calibration_rounds: int = 5,
+    clip: float = 1.0,
     optimizers: tuple[str, ...] = ("adamw", "sam-adamw", "sassha"),
     verbose: bool = True,
 ) -> dict[str, Any]:
     log = (lambda msg: print(f"[quality-lm] {msg}", file=sys.stderr, flush=True)) if verbose else None
     wall = time.perf_counter()
     data = load_blocks(seq_len)
-    common = {"data": data, "batch_size": batch_size, "eval_every": eval_every, "eval_blocks": eval_blocks}
+    common = {
+        "data": data,
+        "batch_size": batch_size,
+        "eval_every": eval_every,
+        "eval_blocks": eval_blocks,
+        "warmup_steps": max(1, round(0.05 * steps)),  # the same warm-up for equal-time runs
+        "max_grad_norm": clip or None,
+    }
     best: dict[str, dict[str, Any]] = {}
     trials: dict[str, list[dict[str, Any]]] = {}
     seed0: dict[str, dict[str, Any]] = {}
@@ -199,7 +232,7 @@ def measure(
         trials[name] = [{"hparams": t.hparams, "tune_loss": t.score} for t in all_trials]
         seed0[name] = cache[repr(sorted(best[name].items()))]
 
-    step_seconds = calibrate(best, data, batch_size, calibration_rounds)
+    step_seconds = calibrate(best, data, batch_size, calibration_rounds, common["max_grad_norm"])
     equal_time_steps = {
         name: max(1, round(steps * step_seconds["adamw"] / step_seconds[name])) if "adamw" in best else steps
         for name in optimizers
@@ -225,6 +258,7 @@ def measure(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "grid": grid,
+        "clip": clip,
         "n_blocks": {k: int(v.shape[0]) for k, v in data.items()},
         "grids": {name: GRIDS[name].describe() for name in optimizers},
         "best": best,
@@ -235,6 +269,15 @@ def measure(
         "equal_time_runs": timed,
         "wall_seconds": time.perf_counter() - wall,
     }
+
+
+def _summary(values: list[float]) -> str:
+    """Mean ± std of the runs that did not diverge, and how many did."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "all diverged"
+    diverged = len(values) - len(finite)
+    return pm(finite) + (f" ({diverged} of {len(values)} diverged)" if diverged else "")
 
 
 def report(result: dict[str, Any]) -> str:
@@ -250,8 +293,8 @@ def report(result: dict[str, Any]) -> str:
             [
                 LABELS[name],
                 tuned,
-                pm(equal_steps),
-                pm(equal_time),
+                _summary(equal_steps),
+                _summary(equal_time),
                 result["equal_time_steps"][name],
                 1e3 * step_seconds[name],
                 step_seconds[name] / step_seconds["adamw"] if "adamw" in step_seconds else float("nan"),
@@ -260,8 +303,9 @@ def report(result: dict[str, Any]) -> str:
     n_seeds = len(next(iter(runs.values())))
     lines = [
         f"quality-lm: tiny GPT-2 from scratch on the stdlib-docstring corpus, byte tokens, batch "
-        f"{result['batch_size']}x{result['seq_len']}, {result['steps']} steps; report-half validation loss "
-        f"(nats/byte), mean ± std over {n_seeds} seeds; {result['machine']}",
+        f"{result['batch_size']}x{result['seq_len']}, {result['steps']} steps, gradient clipping "
+        f"{result['clip'] or 'off'}; report-half validation loss (nats/byte), mean ± std over {n_seeds} "
+        f"seeds; {result['machine']}",
         "",
         format_table(
             [
@@ -321,13 +365,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument(
-        "--eval-blocks", type=int, default=None, help="tune-half blocks for the curves (default: all)"
+        "--eval-blocks", type=int, default=128, help="tune-half blocks for the curves (0: all)"
     )
     parser.add_argument(
         "--grid",
@@ -336,6 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="center: each grid's base only (smoke tests)",
     )
     parser.add_argument("--calibration-rounds", type=int, default=5)
+    parser.add_argument(
+        "--clip", type=float, default=1.0, help="clip the gradient the update uses to this norm (0: off)"
+    )
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--plot", type=Path, default=None, help="write the loss curves to this PNG")
 
@@ -349,9 +396,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         eval_every=args.eval_every,
-        eval_blocks=args.eval_blocks,
+        eval_blocks=args.eval_blocks or None,
         grid=args.grid,
         calibration_rounds=args.calibration_rounds,
+        clip=args.clip,
         optimizers=tuple(args.optimizers),
     )
     print(report(result))

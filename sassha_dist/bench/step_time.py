@@ -43,13 +43,14 @@ from sassha_dist.bench.common import (
 from sassha_dist.bench.models import MODEL_SIZES, build_lm, count_parameters, random_token_batches, train_step
 from sassha_dist.bench.models import build_optimizer as _build_optimizer
 from sassha_dist.hessian.hvp import exact_hvp
+from sassha_dist.hessian.probes import probe_key, rademacher
 
 __all__ = ["FLOOR_TOLERANCE", "add_arguments", "measure", "run"]
 
 #: The target: SASSHA's step within 10% of the time its passes take.
 FLOOR_TOLERANCE = 1.10
 
-_EXACT_REF, _FD_REF = "exact HVP pass", "FD passes (central)"
+_EXACT_REF, _FD_REF, _PROBE_REF = "exact HVP pass", "FD passes (central)", "probe generation"
 _DEFAULT_SHAPE = {"tiny": (8, 64), "gpt2-small": (8, 512)}
 
 
@@ -153,11 +154,20 @@ def measure(
     def fd_passes(n: int) -> None:
         fwd_bwd(2 * n)
 
+    refresh = {"i": 0}
+
+    def probes(n: int) -> None:  # what one Hessian refresh spends drawing its probe (Sassha._probes)
+        for _ in range(n):
+            refresh["i"] += 1
+            for index, p in enumerate(ref_params):
+                rademacher(probe_key(0, refresh["i"], index, 0), p.numel(), dtype=p.dtype, device=p.device)
+
     contestants.append(Contestant("fwd+bwd", fwd_bwd))
     if "exact" in methods:
         contestants.append(Contestant(_EXACT_REF, exact_pass))
     if "finite_difference" in methods:
         contestants.append(Contestant(_FD_REF, fd_passes))
+    contestants.append(Contestant(_PROBE_REF, probes))
     log = (lambda msg: print(f"[step-time] {msg}", file=sys.stderr, flush=True)) if verbose else None
     times = interleaved_times(
         contestants, rounds=rounds, steps_per_round=steps_per_round, device=dev, progress=log
@@ -248,6 +258,8 @@ def report(result: dict[str, Any]) -> str:
     refs = ", ".join(
         f"{name} {1e3 * median(t[name]):.3g} ms" for name in ("fwd+bwd", _EXACT_REF) if name in t
     )
+    probe_ms = 1e3 * median(t[_PROBE_REF])
+    probe_passes = median(_per_round(t, _PROBE_REF, "fwd+bwd"))
     constants = []
     if result["c_exact"] is not None:
         constants.append(f"c_exact = {result['c_exact']:.3g} (extra fwd+bwd of an exact HVP pass)")
@@ -255,13 +267,16 @@ def report(result: dict[str, Any]) -> str:
         constants.append(f"c_fd = {result['c_fd']:.3g} (central FD passes)")
     lines = [
         f"step-time: {result['model']} GPT-2 ({result['n_params']:,} parameters), batch "
-        f"{result['batch_size']}x{result['seq_len']}, {result['dtype']}, {result['attn']} attention, {result['device']} "
+        f"{result['batch_size']}x{result['seq_len']}, {result['dtype']}, {result['attn']} attention, "
+        f"{result['device']} "
         f"({result['machine']}); {result['rounds']} interleaved rounds of {result['steps_per_round']} steps, "
         "medians",
         "",
         table,
         "",
         f"passes: {refs}; " + ", ".join(constants),
+        f"probe generation (counter-based Rademacher, every parameter): {probe_ms:.3g} ms per Hessian "
+        f"refresh = {probe_passes:.2g} fwd+bwd; it is part of the overhead above the floor",
         f"target: SASSHA within {FLOOR_TOLERANCE - 1:.0%} of its floor (x floor <= {FLOOR_TOLERANCE}); "
         "floor = (2 + c/k) fwd+bwd",
     ]
