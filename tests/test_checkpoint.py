@@ -38,17 +38,9 @@ from torch.distributed.fsdp import fully_shard
 from sassha_dist import Sassha, checkpoint, state_keys
 from sassha_dist.distributed import DataParallel, FullyShard, SingleProcess
 from tests.distributed import run_ranks
+from tests.sharded import KW
 
 BEFORE, AFTER = 5, 4  # lazy_hessian=3 refreshes at steps 1, 4, 7: the save is mid-cycle
-KW = {
-    "lr": 0.05,
-    "rho": 0.05,
-    "lazy_hessian": 3,
-    "n_samples": 2,
-    "weight_decay": 0.01,
-    "hessian_method": "finite_difference",
-    "probe_mode": "global",
-}
 ROWS = 12  # the global batch; 12 rows split evenly over W = 1, 2, 3
 RTOL = 1e-9
 

@@ -32,22 +32,14 @@ from sassha_dist import Sassha, state_keys  # noqa: E402
 from sassha_dist.distributed.deepspeed import SasshaDeepSpeed, ZeroSassha, check_config  # noqa: E402
 from sassha_dist.reference import ReferenceConfig, ReferenceSassha  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
+from tests.sharded import KW as SHARDED_KW  # noqa: E402
 
 WORLD = 2
 STAGES = (1, 2, 3)
 STEPS = 20
 SAVE_AT = 10
 ATOL, RTOL = 2e-5, 1e-5
-KW = {
-    "lr": 0.05,
-    "rho": 0.05,
-    "lazy_hessian": 3,
-    "n_samples": 2,
-    "weight_decay": 0.01,
-    "hessian_method": "finite_difference",
-    "probe_mode": "global",
-    "fd_step": 1e-2,
-}
+KW = {**SHARDED_KW, "fd_step": 1e-2}
 CLIP = 0.5
 BF16_FD_STEP = 2.5e-2
 

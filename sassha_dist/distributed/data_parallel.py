@@ -80,8 +80,3 @@ class DataParallel(Strategy):
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         # Parameters are replicated, not sharded: a local sum is already global.
         return value
-
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.to(torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
-        return flags.bool()

@@ -88,7 +88,7 @@ import torch
 import torch.distributed as dist
 
 from sassha_dist import state_keys as keys
-from sassha_dist.distributed.strategy import ProbeSegment, Strategy
+from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 from sassha_dist.functional import sq_norm
 from sassha_dist.hessian.hvp import default_fd_step, finite_difference_step
 from sassha_dist.hessian.probes import probe_key, rademacher
@@ -266,14 +266,7 @@ class DeepSpeedZero(Strategy):
         )
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value, group=self.group)
-        return value
-
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.to(torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return flags.bool()
+        return all_reduce_sum(value, self.group)
 
     def probe_segments(self, param: torch.Tensor, param_index: int) -> list[ProbeSegment]:
         try:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from sassha_dist.distributed.strategy import ProbeSegment, Strategy
+from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 
 __all__ = ["FlatShard"]
 
@@ -62,14 +62,7 @@ class FlatShard(Strategy):
         loss.backward()
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value, group=self.shard_group)
-        return value
-
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.to(torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return flags.bool()
+        return all_reduce_sum(value, self.shard_group)
 
     def has_gradient(self, param: torch.Tensor) -> bool:
         # A parameter with no elements in this rank's shard gets no gradient here, but takes

@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from sassha_dist.distributed.strategy import ProbeSegment, Strategy
+from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 
 __all__ = ["FullyShard"]
 
@@ -134,14 +134,7 @@ class FullyShard(Strategy):
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         if self.shard_group is None:
             return value
-        value = value.clone()
-        dist.all_reduce(value, group=self.shard_group)
-        return value
-
-    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.to(torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return flags.bool()
+        return all_reduce_sum(value, self.shard_group)
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -82,7 +82,9 @@ class Strategy(ABC):
 
     def all_true(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise AND of boolean ``flags`` over all ranks, so every rank skips the same steps."""
-        return flags
+        flags = flags.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return flags.bool()
 
     def has_gradient(self, param: torch.Tensor) -> bool:
         """Whether ``param`` takes part in this step (after the gradient pass)."""
@@ -117,6 +119,16 @@ class SingleProcess(Strategy):
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def all_true(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags
+
+
+def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """A summed copy of ``value`` over ``group`` (the ranks that shard the parameters)."""
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return value
 
 
 def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
