@@ -400,7 +400,7 @@ class Sassha(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        options = self.__dict__.setdefault("options", SasshaOptions())
+        self.__dict__.setdefault("options", SasshaOptions())
         if "strategy" not in self.__dict__:  # not setdefault: resolving may raise for a kept strategy
             self.__dict__["strategy"] = resolve_strategy(self._all_params())
         self.__dict__.setdefault(
@@ -411,7 +411,6 @@ class Sassha(Optimizer):
         self.__dict__.setdefault("probe_mode", PROBES_PER_RANK if exact else PROBES_GLOBAL)
         self.__dict__.setdefault("last_report", StepReport())
         self.__dict__["_pending"] = None
-        del options
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus the optimizer-wide counters under ``state_keys.COUNTERS``."""

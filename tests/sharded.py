@@ -26,12 +26,13 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)).double()
 
 
-def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(world: int, rows: int = 12, features: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One float64 regression batch per rank, the same on every call."""
     g = torch.Generator().manual_seed(1)
     return [
         (
-            torch.randn(12, 5, generator=g, dtype=torch.float64),
-            torch.randn(12, 1, generator=g, dtype=torch.float64),
+            torch.randn(rows, features, generator=g, dtype=torch.float64),
+            torch.randn(rows, 1, generator=g, dtype=torch.float64),
         )
         for _ in range(world)
     ]

@@ -18,14 +18,7 @@ from sassha_dist.bench.__main__ import main
 from sassha_dist.bench.models import SamAdamW, train_step
 from sassha_dist.bench.quality import Grid, hessian_max_eigenvalue, tune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning threads make everything ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finite_positive(x: float) -> bool:

@@ -22,6 +22,7 @@ from sassha_dist import Sassha
 from sassha_dist.distributed import DataParallel
 from sassha_dist.reference import ReferenceConfig, ReferenceSassha
 from tests.distributed import run_ranks
+from tests.sharded import batches
 
 WORLD = 2
 STEPS = 20
@@ -34,14 +35,7 @@ def _model() -> nn.Module:
 
 
 def _batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(16, 4, generator=g, dtype=torch.float64),
-            torch.randn(16, 1, generator=g, dtype=torch.float64),
-        )
-        for _ in range(world)
-    ]
+    return batches(world, rows=16, features=4)
 
 
 def _functional_loss(model: nn.Module):

@@ -39,13 +39,7 @@ BATCH, ACCUM, STEPS = 2, 2, 4
 LR, WD = 0.05, 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:
