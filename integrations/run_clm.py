@@ -43,6 +43,7 @@ AdamW is ahead here.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -384,7 +385,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
     if dist.is_available() and dist.is_initialized():
-        # Without this barrier gloo's shutdown intermittently aborts a rank (SPEC §4).
+        # Free the DDP-wrapped model before its process group goes, then barrier: a DDP reducer
+        # outliving its gloo group, or a rank leaving early, intermittently aborts at exit
+        # ("terminate called without an active exception").
+        del trainer, model
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return metrics
