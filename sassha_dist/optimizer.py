@@ -707,6 +707,11 @@ class Sassha(Optimizer):
     # -- diagnostics ----------------------------------------------------------------------
 
     @property
+    def in_step(self) -> bool:
+        """True between ``perturb()`` and ``update()`` / ``cancel()``: parameters are at theta + eps."""
+        return self._pending is not None
+
+    @property
     def skipped_steps(self) -> int:
         return self.counters[keys.SKIPPED_STEPS]
 

@@ -388,9 +388,11 @@ def test_cancel_restores_parameters_and_state_exactly():
     closure = closure_for(model, batches[1])
     opt.perturb(opt.gradient_pass(closure))
     assert not torch.equal(next(model.parameters()), before["params"][0])  # it really moved
+    assert opt.in_step
     opt.perturbed_pass(closure)
     opt.hessian_pass(closure)
     opt.cancel()
+    assert not opt.in_step
     assert_same(snapshot(model, opt), before)
     # a cancelled step leaves no trace: the next step equals one on an optimizer that never started it
     twin = copy.deepcopy(model)

@@ -264,7 +264,7 @@ class TrainerSassha(Sassha):
     def step(self, closure=None):  # type: ignore[override]
         if closure is not None:
             return super().step(closure)
-        if self._pending is None:
+        if not self.in_step:
             raise RuntimeError(
                 "TrainerSassha.step() without a closure finishes a step started by SasshaTrainer."
                 "training_step, and none is in progress. Outside the Trainer call step(closure)."
