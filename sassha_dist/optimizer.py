@@ -634,6 +634,9 @@ class Sassha(Optimizer):
         """Restore :math:`\\theta` exactly, then update, or skip the step if anything was non-finite."""
         pending = self._require_pending("update")
         self._pending = None
+        # torch's LR schedulers warn about "lr_scheduler.step() before optimizer.step()" unless
+        # this is set (their wrapper of step() sets it); update() ends a step as step() does.
+        self._opt_called = True
         if pending.params:
             torch._foreach_copy_(pending.locals, pending.theta)
         report = pending.report

@@ -6,6 +6,7 @@ import copy
 import io
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -805,3 +806,20 @@ def test_bf16_parameters_fp32_state_and_progress(hessian_method):
     # lr 0.02 on a fixed batch: the measured loss drops by ~25% in 10 steps; demand a 5% drop, which
     # bf16 rounding of the loss itself (2**-8 relative) cannot fake.
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_pass_by_pass_steps_satisfy_lr_schedulers():
+    """update() ends a step as step() does: a scheduler stepped after it does not warn about order."""
+    model = make_mlp(MLP)
+    opt = Sassha(model.parameters(), **COMMON)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    closure = closure_for(model, make_batches(1, in_dim=MLP[0])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.perturb(opt.gradient_pass(closure))
+            opt.perturbed_pass(closure)
+            opt.hessian_pass(closure)
+            opt.update()
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == COMMON["lr"] * 0.25
