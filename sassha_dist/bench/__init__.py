@@ -8,6 +8,9 @@ Subcommands (``--help`` on each):
   (:mod:`.kernel`).
 * ``cost-model``: memory, communication and passes per step under DDP, FSDP2
   and ZeRO 1/2/3, projected to 1B-70B models (:mod:`.cost_model`).
+* ``memory-comm``: optimizer state, peak tensor memory and collective bytes per
+  rank against AdamW on real ranks (DDP, FSDP2, ZeRO 1/2/3; W = 1, 2, 4)
+  (:mod:`.memory_comm`).
 * ``quality-lm``: validation loss of a tiny GPT trained from scratch on a
   standard-library docstring corpus (:mod:`.quality_lm`).
 * ``quality-classifier``: test accuracy and sharpness of a small classifier

@@ -17,6 +17,10 @@ SUBCOMMANDS = {
     "step-time": ("step_time", "SASSHA step time vs AdamW and SAM-AdamW, and the floor of its passes"),
     "kernel": ("kernel", "the update kernel alone vs torch.optim.AdamW (foreach, for-loop, fused)"),
     "cost-model": ("cost_model", "memory, communication and passes per step under DDP, FSDP2, ZeRO 1/2/3"),
+    "memory-comm": (
+        "memory_comm",
+        "measured state, peak memory, collective bytes per rank: DDP, FSDP2, ZeRO 1/2/3 at W = 1, 2, 4",
+    ),
     "quality-lm": ("quality_lm", "validation loss of a tiny GPT on a stdlib-docstring corpus"),
     "quality-classifier": ("quality_classifier", "test accuracy and sharpness of a small classifier"),
 }

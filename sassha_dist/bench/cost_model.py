@@ -6,8 +6,10 @@ forward-backward passes, and a step time from a compute rate and a link
 bandwidth. :func:`projection` tabulates 1B, 7B and 70B models on 8 to 512
 GPUs; :func:`check` measures on this machine what a single process can
 measure (state sizes, closure calls, transient buffers, the exact-HVP
-activation factor) and prints it next to the model's prediction. The
-assumptions are in ``docs/cost_model.md`` and in :class:`Hardware` and
+activation factor) and prints it next to the model's prediction;
+:func:`compare_measured` sets ``memory-comm``'s measurements on real ranks
+(state, gradient-reduction and all-gather bytes, SASSHA's buffers) next to it.
+The assumptions are in ``docs/cost_model.md`` and in :class:`Hardware` and
 :class:`Workload`.
 
 Collectives, bytes each rank sends for a full tensor of ``B`` bytes over ``W``
@@ -32,6 +34,7 @@ __all__ = [
     "Workload",
     "add_arguments",
     "check",
+    "compare_measured",
     "estimate",
     "projection",
     "run",
@@ -613,6 +616,73 @@ def check(verbose: bool = True) -> dict[str, Any]:
     if verbose:
         print(check_report(out))
     return out
+
+
+def compare_measured(rows: list[dict[str, Any]], n_params: float) -> dict[str, Any]:
+    """The model next to ``memory-comm``'s measurements (fp32, W > 1): state, traffic, SASSHA's buffers.
+
+    ``rows`` are :func:`sassha_dist.bench.memory_comm.measure`'s rows. Per row:
+    state bytes; bytes sent per step in gradient reductions (reduce-scatters
+    and all-reduces) and in parameter all-gathers; and SASSHA's peak above
+    AdamW's on a Hessian step in buffers of the optimizer's shard, which the
+    model puts at ``SASSHA_BUFFERS`` (activations and unshard buffers are the
+    same for both optimizers and cancel).
+    """
+    out = []
+    for r in rows:
+        if r["world_size"] == 1:
+            continue
+        optimizer = "adamw" if r["k"] is None else "sassha"
+        est = estimate(n_params, r["world_size"], r["engine"], optimizer, k=r["k"] or 10, dtype="fp32")
+        grads = sum(c * sent for name, c, sent in est.collectives if name in ("reduce_scatter", "all_reduce"))
+        gathers = sum(c * sent for name, c, sent in est.collectives if name == "all_gather")
+        buffers = float("nan")
+        if optimizer == "sassha":
+            adamw = estimate(n_params, r["world_size"], r["engine"], "adamw", dtype="fp32")
+            buffers = (est.peak_bytes - adamw.peak_bytes) / (4.0 * est.state_bytes / 8.0)
+        traffic = r["traffic"]
+        out.append(
+            {
+                "engine": r["engine"],
+                "world_size": r["world_size"],
+                "contestant": r["contestant"],
+                "state": (r["state_bytes"], est.state_bytes),
+                "grad_reduction_sent": (traffic["grad_reduction"]["sent"], grads),
+                "param_gather_sent": (traffic["param_gather"]["sent"], gathers),
+                "buffers_hessian_step": (r.get("extra_buffers_hessian_step", float("nan")), buffers),
+            }
+        )
+
+    def pair(values: tuple[float, float], scale: float = 1e3) -> str:
+        measured, model = values
+        if measured != measured:
+            return "-"
+        return f"{measured / scale:.1f} / {model / scale:.1f}"
+
+    table = format_table(
+        [
+            "engine",
+            "W",
+            "optimizer",
+            "state KB (measured / model)",
+            "grad-reduction KB sent/step",
+            "all-gather KB sent/step",
+            "SASSHA buffers, Hessian step",
+        ],
+        [
+            [
+                ENGINE_NAMES[c["engine"]],
+                c["world_size"],
+                c["contestant"],
+                pair(c["state"]),
+                pair(c["grad_reduction_sent"]),
+                pair(c["param_gather_sent"]),
+                pair(c["buffers_hessian_step"], 1.0),
+            ]
+            for c in out
+        ],
+    )
+    return {"rows": out, "table": "Cost model (fp32, k as run) next to the measurements:\n\n" + table}
 
 
 def check_report(out: dict[str, Any]) -> str:
