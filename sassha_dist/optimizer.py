@@ -51,7 +51,14 @@ from sassha_dist.functional import (
     state_dtype,
     update_hessian_ema,
 )
-from sassha_dist.hessian.hvp import default_fd_step, exact_hvp, finite_difference_step
+from sassha_dist.hessian.hvp import (
+    UNDERFLOW_SAFE_EPS,
+    UNDERFLOW_WARNING_FRACTION,
+    curvature_underflow,
+    default_fd_step,
+    exact_hvp,
+    finite_difference_step,
+)
 from sassha_dist.hessian.probes import probe_key, rademacher
 
 __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport"]
@@ -177,6 +184,9 @@ class StepReport:
     hessian_refreshed: bool = False
     skipped: bool = False
     reason: str | None = None
+    #: On finite-difference Hessian steps: this rank's fraction of coordinates whose estimate
+    #: underflowed to 0 with a nonzero gradient (:func:`~sassha_dist.hessian.hvp.curvature_underflow`).
+    hessian_underflow: torch.Tensor | None = None
 
 
 @dataclass
@@ -627,6 +637,7 @@ class Sassha(Optimizer):
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
         pending.estimates = estimates
+        pending.report.hessian_underflow = curvature_underflow(estimates, perturbed_grads)
         pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
 
     @torch.no_grad()
@@ -673,6 +684,7 @@ class Sassha(Optimizer):
                 [self.param_groups[g]["betas"][1] for g in pending.group_indices],
                 foreach=self.options.foreach,
             )
+            self.warn_on_underflow(report)
             for p in params:
                 self.state[p][keys.HESSIAN_UPDATES] += 1
             self.counters[keys.HESSIAN_REFRESHES] += 1
@@ -708,6 +720,24 @@ class Sassha(Optimizer):
             torch._foreach_copy_(pending.locals, pending.theta)
 
     # -- diagnostics ----------------------------------------------------------------------
+
+    def warn_on_underflow(self, report: StepReport) -> None:
+        """Warn once if a refresh's finite-difference estimate underflowed on many coordinates (one sync)."""
+        if report.hessian_underflow is None or self.__dict__.get("_underflow_warned", False):
+            return
+        if min(group["eps"] for group in self.param_groups) >= UNDERFLOW_SAFE_EPS:
+            return  # the remedy is in place: those coordinates step by at most lr * m / eps
+        fraction = float(report.hessian_underflow)
+        if fraction <= UNDERFLOW_WARNING_FRACTION:
+            return
+        self._underflow_warned = True
+        logger.warning(
+            "Sassha: %.2f%% of this rank's Hessian-diagonal estimate is exactly 0 where the gradient is not: "
+            "the finite difference underflowed in low precision (bf16/fp16 gradients). Those coordinates "
+            "keep D = 0 and step by lr * m / eps, which can diverge. Raise eps (to eps=1e-2, "
+            "--optim_args eps=1e-2 in the Trainer) or compute the passes in fp32.",
+            100 * fraction,
+        )
 
     @property
     def in_step(self) -> bool:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call, hessian
 
+from sassha_dist import Sassha
 from sassha_dist.hessian import exact_hvp, finite_difference_step, probe_key, rademacher
-from sassha_dist.hessian.hvp import default_fd_step
+from sassha_dist.hessian.hvp import (
+    UNDERFLOW_SAFE_EPS,
+    UNDERFLOW_WARNING_FRACTION,
+    curvature_underflow,
+    default_fd_step,
+)
 from tests.helpers import make_batches, make_mlp, mse
 
 
@@ -237,3 +245,40 @@ def test_exact_hvp_unreached_and_constant_gradients_give_zeros():
         torch.equal(h, torch.zeros_like(p))
         for h, p in zip(exact_hvp(grads, [b, unused], z[1:], retain_graph=False), [b, unused], strict=True)
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "eps", "warns"),
+    [(torch.float32, 1e-4, False), (torch.bfloat16, 1e-4, True), (torch.bfloat16, UNDERFLOW_SAFE_EPS, False)],
+)
+def test_low_precision_underflow_is_reported_and_warned(dtype, eps, warns, caplog):
+    """bf16 gradients quantise g(w+hz) - g(w-hz): coordinates whose difference is below one rounding
+    step get an estimate of exactly 0 with a nonzero gradient, so D stays 0 and they would step by
+    lr * m / eps. On this MLP 1.0% of the bf16 coordinates do (0 in fp32); Sassha reports the
+    fraction and warns once, naming the fix, unless eps is already large enough."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1)).to(dtype)
+    x, y = torch.randn(32, 16, dtype=dtype), torch.randn(32, 1, dtype=dtype)
+    opt = Sassha(model.parameters(), lr=0.1, eps=eps, lazy_hessian=1, hessian_method="finite_difference")
+    fractions = []
+    with caplog.at_level(logging.WARNING, logger="sassha_dist.optimizer"):
+        for _ in range(3):  # three refreshes; the warning comes once
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+            fractions.append(float(opt.last_report.hessian_underflow))
+    fraction = fractions[0]
+    warnings = [r for r in caplog.records if "underflowed" in r.getMessage()]
+    if dtype == torch.float32:
+        assert fractions == [0.0, 0.0, 0.0]
+    else:
+        assert fraction > UNDERFLOW_WARNING_FRACTION
+    if warns:
+        assert len(warnings) == 1 and "eps=1e-2" in warnings[0].getMessage()  # once, with the fix
+    else:
+        assert not warnings
+
+
+def test_curvature_underflow_counts_only_moving_coordinates():
+    estimates = [torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.zeros(0)]
+    gradients = [torch.tensor([0.5, 0.0, 0.5, -1e-30]), torch.zeros(0)]
+    # coordinates 0 and 3 moved (nonzero gradient) with a zero estimate; 1 did not move
+    assert float(curvature_underflow(estimates, gradients)) == 0.5
