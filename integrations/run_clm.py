@@ -23,7 +23,8 @@ SASSHA's diagnostics under ``sassha/*``), evaluates again, prints both losses an
 perplexities, and writes ``loss_curve.png`` and ``all_results.json`` to ``--output_dir``.
 Every ``TrainingArguments`` option works (``--help``); the defaults below are tuned for the
 embedded run on a small CPU. Without ``--learning_rate`` SASSHA uses 0.6 and any other
-optimizer 3e-3; SASSHA's defaults ``rho=0.1,lazy_hessian=10,betas=0.9:0.99`` can be
+optimizer 3e-3; SASSHA's defaults ``rho=0.1,lazy_hessian=10,betas=0.9:0.99`` (plus
+``eps=1e-2,fd_step=2.5e-2`` under ``--bf16``, see ``DEFAULT_SASSHA_ARGS_BF16``) can be
 overridden key by key with ``--optim_args``.
 
 Tuning (embedded run, 200 steps of 16 x 128 tokens, cosine with 5% warm-up, max_grad_norm
@@ -79,6 +80,12 @@ logger = logging.getLogger("run_clm")
 DEFAULT_LR = {SASSHA: 0.6, "other": 3e-3}
 #: SASSHA's optim_args for the embedded run; --optim_args overrides them key by key.
 DEFAULT_SASSHA_ARGS = "rho=0.1,lazy_hessian=10,betas=0.9:0.99"
+#: Added under --bf16, for the finite-difference Hessians of FSDP2 and DeepSpeed. fd_step: the
+#: parameters SASSHA sees are fp32 while the passes run in bf16 (SasshaTrainer refuses FSDP2 + bf16
+#: without it). eps: bf16 gradients make 0.5% of the estimate underflow to exactly 0 on this model,
+#: and eps=1e-4 then lets those coordinates diverge (loss 5.5 -> 670 in one step under DeepSpeed
+#: ZeRO-2 bf16; see sassha_dist.hessian.hvp.curvature_underflow).
+DEFAULT_SASSHA_ARGS_BF16 = "eps=1e-2,fd_step=2.5e-2"
 
 
 @dataclass
@@ -165,8 +172,13 @@ class ClmTrainingArguments(SasshaTrainingArguments):
         is_sassha = self.optim == SASSHA
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[SASSHA if is_sassha else "other"]
+        if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.ddp_backend = "gloo"  # under DeepSpeed, its CPU accelerator would ask for oneCCL
         if is_sassha:
-            merged = {**_pairs(DEFAULT_SASSHA_ARGS), **_pairs(self.optim_args)}
+            defaults = _pairs(DEFAULT_SASSHA_ARGS)
+            if self.bf16:
+                defaults.update(_pairs(DEFAULT_SASSHA_ARGS_BF16))
+            merged = {**defaults, **_pairs(self.optim_args)}
             self.optim_args = ",".join(f"{k}={v}" for k, v in merged.items())
         super().__post_init__()
 
@@ -264,14 +276,15 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def _plot(log_history: list[dict], untrained_loss: float, path: Path, title: str) -> None:
+def _plot(log_history: list[dict], untrained_loss: float | None, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(0, untrained_loss)] + [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    evals = [] if untrained_loss is None else [(0, untrained_loss)]
+    evals += [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue")
@@ -349,9 +362,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=default_data_collator,
     )
 
-    untrained = trainer.evaluate(metric_key_prefix="untrained")
-    untrained_loss = untrained["untrained_loss"]
-    say(f"Untrained model: eval loss {untrained_loss:.4f}, perplexity {_perplexity(untrained_loss):.2f}")
+    untrained_loss = None
+    if trainer.is_deepspeed_enabled:
+        # transformers cannot evaluate through DeepSpeed before train() builds the engine (ZeRO-1/2:
+        # "ZeRO inference only makes sense with ZeRO Stage 3"; ZeRO-3 would train an inference engine).
+        say("Untrained model: not evaluated under DeepSpeed (transformers evaluates only after train()).")
+    else:
+        untrained_loss = trainer.evaluate(metric_key_prefix="untrained")["untrained_loss"]
+        say(f"Untrained model: eval loss {untrained_loss:.4f}, perplexity {_perplexity(untrained_loss):.2f}")
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -359,8 +377,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     final_loss = final["eval_loss"]
 
     metrics = {
-        "untrained_eval_loss": untrained_loss,
-        "untrained_perplexity": _perplexity(untrained_loss),
+        **(
+            {}
+            if untrained_loss is None
+            else {"untrained_eval_loss": untrained_loss, "untrained_perplexity": _perplexity(untrained_loss)}
+        ),
         "eval_loss": final_loss,
         "perplexity": _perplexity(final_loss),
         "train_loss": train_result.training_loss,
@@ -371,13 +392,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.save_metrics("all", metrics)
     if trainer.is_world_process_zero():
         plot_path = Path(training_args.output_dir) / "loss_curve.png"
+        start = "" if untrained_loss is None else f"{metrics['untrained_perplexity']:.1f} -> "
         title = (
             f"{optimizer_name}, {model_description.split(' (')[0]}: eval perplexity "
-            f"{metrics['untrained_perplexity']:.1f} -> {metrics['perplexity']:.1f}"
+            f"{start}{metrics['perplexity']:.1f}"
         )
         _plot(trainer.state.log_history, untrained_loss, plot_path, title)
         say(f"Loss curve: {plot_path}")
-    say(f"Untrained model: eval loss {untrained_loss:.4f}, perplexity {metrics['untrained_perplexity']:.2f}")
+    if untrained_loss is not None:
+        say(
+            f"Untrained model: eval loss {untrained_loss:.4f}, "
+            f"perplexity {metrics['untrained_perplexity']:.2f}"
+        )
     say(
         f"After {trainer.state.global_step} steps of {optimizer_name}: eval loss {final_loss:.4f}, "
         f"perplexity {metrics['perplexity']:.2f}"

@@ -7,6 +7,7 @@ in ``launch/accelerate/``, exactly as the README does, with fewer steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -38,9 +39,12 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run(command: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
+def _run(
+    command: list[str], tmp_path: Path, timeout: int, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**(extra_env or {}), **_env(tmp_path)}  # the caller's environment wins
     result = subprocess.run(
-        command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout, check=False
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, (
         f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
@@ -69,6 +73,30 @@ def test_main_command_reduces_perplexity(tmp_path):
     assert (tmp_path / "cache").is_dir()
     # The Trainer's logs carry SASSHA's diagnostics.
     assert "sassha/hessian_mean" in result.stdout
+
+
+def test_main_job_under_deepspeed_zero2_bf16(tmp_path):
+    """The main job through launch/accelerate/deepspeed_zero2.yaml (2 ranks, bf16, DeepSpeed on the CPU).
+
+    The untrained evaluation is skipped (transformers evaluates through DeepSpeed only after
+    train()); the byte-level model starts at ln(256) = 5.55 nats. Under --bf16 run_clm adds eps=1e-2:
+    with eps=1e-4 the coordinates whose bf16 finite-difference estimate underflowed to 0 sent the
+    loss from 5.5 to 670 in one step; with it 30 steps reach an eval loss of 3.3."""
+    out = tmp_path / "clm"
+    result = _run(
+        [
+            *ACCELERATE, "--config_file", "launch/accelerate/deepspeed_zero2.yaml", "--main_process_port",
+            _free_port(), "integrations/run_clm.py", "--optim", "sassha", "--bf16", "--output_dir", str(out),
+            "--max_steps", "30", "--eval_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true",
+        ],
+        tmp_path,
+        timeout=600,
+        extra_env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / ".torch_extensions")},
+    )  # fmt: skip
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["steps"] == 30 and "untrained_perplexity" not in metrics
+    assert metrics["eval_loss"] < 0.75 * math.log(256), metrics
+    assert "eps=1e-2" in result.stdout and "underflowed" not in result.stderr + result.stdout
 
 
 _RANK_SCRIPT = textwrap.dedent(

@@ -296,7 +296,8 @@ def test_optimizer_routes(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        ({"fsdp": True}, NotImplementedError, "FSDP is not implemented yet"),
+        # FSDP2 works (tests/test_trainer_fsdp2.py); FSDP1 is refused naming FSDP2.
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, NotImplementedError, "FSDP2 only.*fsdp2.yaml"),
         ({"fp16": True}, ValueError, "Use --bf16 or fp32"),
     ],
 )
@@ -307,11 +308,27 @@ def test_unsupported_engines_fail_at_start_up(tmp_path, overrides, error, messag
         )
 
 
-def test_deepspeed_fails_at_start_up(tmp_path):
+@pytest.mark.parametrize(
+    ("update", "fix"),
+    [
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "remove the block"),
+        ({"fp16": {"enabled": True}}, '"bf16": {"enabled": true}'),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            "remove zero_optimization.offload_optimizer",
+        ),
+        ({"zero_optimization": {"stage": 0}}, "ZeRO stage 1, 2 or 3"),
+    ],
+)
+def test_deepspeed_fails_at_start_up(tmp_path, update, fix):
+    """DeepSpeed configs SASSHA cannot run are refused before any engine exists, naming the fix
+    (the supported ones are trained in tests/test_trainer_deepspeed.py)."""
     args = _args(tmp_path)
-    args.deepspeed = {"zero_optimization": {"stage": 2}}  # set after validation: needs no deepspeed install
-    with pytest.raises(NotImplementedError, match="DeepSpeed is not implemented yet"):
+    # Set after validation: needs no deepspeed install (the check itself does not import deepspeed).
+    args.deepspeed = {"zero_optimization": {"stage": 2}, **update}
+    with pytest.raises(ValueError, match="optim='sassha' under DeepSpeed") as error:
         SasshaTrainer(model=_model(), args=args, train_dataset=BlockDataset(_blocks()))
+    assert fix in str(error.value)
 
 
 def test_missing_double_backward_names_the_fix(tmp_path):

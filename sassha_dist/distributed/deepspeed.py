@@ -8,7 +8,11 @@ Three pieces, used together::
         loss = sassha.step(lambda: loss_fn(engine(batch)))   # one call per training step
 
 or, by hand: ``deepspeed.initialize(model=model, optimizer=ZeroSassha(model.parameters(), ...),
-config=config)`` then ``SasshaDeepSpeed(engine)``.
+config=config)`` then ``SasshaDeepSpeed(engine)``; with accelerate's DeepSpeed plugin,
+``accelerator.prepare(model, ZeroSassha(...), loader)`` then ``SasshaDeepSpeed(engine)``. The Hugging
+Face Trainer does all of this itself: ``SasshaTrainer`` with ``--optim sassha --deepspeed config.json``
+(:mod:`sassha_dist.integrations.transformers`), whose closures are already scaled for gradient
+accumulation (``SasshaDeepSpeed(engine, scale_wrt_gas=False)``).
 
 * :class:`ZeroSassha` is the optimizer DeepSpeed wraps (its "client optimizer").
   DeepSpeed replaces its parameters with this rank's flat 1-D fp32 partitions
@@ -90,7 +94,7 @@ import torch.distributed as dist
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 from sassha_dist.functional import sq_norm
-from sassha_dist.hessian.hvp import default_fd_step, finite_difference_step
+from sassha_dist.hessian.hvp import curvature_underflow, default_fd_step, finite_difference_step
 from sassha_dist.hessian.probes import probe_key, rademacher
 from sassha_dist.optimizer import (
     FD_CENTRAL,
@@ -590,19 +594,26 @@ class SasshaDeepSpeed:
     Args:
         engine: a ``DeepSpeedEngine`` (ZeRO stage 1, 2 or 3) built with a
             :class:`ZeroSassha` optimizer.
+        scale_wrt_gas: ``engine.backward``'s argument of the same name. ``True``
+            (DeepSpeed's default): DeepSpeed divides each micro-batch loss by
+            ``G``, so ``step`` needs exactly ``G`` closures. ``False``: the
+            closures return losses already scaled for accumulation (as the
+            Hugging Face Trainer computes them), and ``step`` takes any number
+            of them (a window cut short at the end of an epoch).
 
     ``step(closure)`` takes a closure that computes the loss of the step's
     batch through the engine (``engine(inputs)``) and returns it without
     calling ``backward``; with ``gradient_accumulation_steps = G`` pass a list
     of ``G`` closures, one per micro-batch, each returning that micro-batch's
     loss as one would pass it to ``engine.backward`` (DeepSpeed divides by
-    ``G``). It returns the loss at :math:`\\theta` (mean over micro-batches),
-    detached. Each closure is called 2 times per step, plus 2 per probe
-    (central) or 1 (forward) on Hessian steps. Do not call ``engine.backward``
-    or ``engine.step`` yourself.
+    ``G``). It returns the loss at :math:`\\theta` (mean over micro-batches;
+    with ``scale_wrt_gas=False`` the sum of the closures' losses), detached.
+    Each closure is called 2 times per step, plus 2 per probe (central) or 1
+    (forward) on Hessian steps. Do not call ``engine.backward`` or
+    ``engine.step`` yourself.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, scale_wrt_gas: bool = True) -> None:
         from deepspeed.runtime.engine import DeepSpeedEngine
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -640,6 +651,7 @@ class SasshaDeepSpeed:
             )
         self.engine = engine
         self.optimizer: ZeroSassha = inner
+        self.scale_wrt_gas = bool(scale_wrt_gas)
         self.stage = int(engine.zero_optimization_stage())
         # The dtype the passes compute in, which sets the default finite-difference step.
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -650,12 +662,38 @@ class SasshaDeepSpeed:
     def last_report(self) -> StepReport:
         return self.optimizer.last_report
 
+    @torch.no_grad()
+    def hessian_stats(self) -> dict[str, float]:
+        """Mean and max of the bias-uncorrected ``D`` over the whole model (all ranks, padding excluded).
+
+        A collective (two all-reduces over the data-parallel group): call it on every rank.
+        """
+        opt = self.optimizer
+        device = self.adapter.flats[0].device  # the collective's device (NCCL needs the GPU's)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of D, element count
+        peak = torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
+        for flat, mask in zip(self.adapter.flats, self.adapter.masks, strict=True):
+            state = opt.state.get(flat, {})
+            if keys.HESSIAN_DIAG not in state:
+                continue
+            real = state[keys.HESSIAN_DIAG].reshape(-1)[mask]
+            if real.numel():
+                total[0] += real.sum(dtype=torch.float64)
+                total[1] += real.numel()
+                peak = torch.maximum(peak, real.max().to(torch.float64).reshape(1))
+        group = opt.strategy.group
+        dist.all_reduce(total, group=group)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        if total[1] == 0:
+            return {"hessian_mean": 0.0, "hessian_max": 0.0}
+        return {"hessian_mean": float(total[0] / total[1]), "hessian_max": float(peak)}
+
     # -- the step -------------------------------------------------------------------------
 
     def step(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
         closures = _as_closures(closure)
         accumulation = self.engine.gradient_accumulation_steps()
-        if len(closures) != accumulation:
+        if self.scale_wrt_gas and len(closures) != accumulation:
             raise ValueError(
                 f"Got {len(closures)} closure(s) for gradient_accumulation_steps={accumulation}: pass one "
                 "closure per micro-batch of the step."
@@ -707,6 +745,7 @@ class SasshaDeepSpeed:
             for est, z_sum, grad in zip(pending.estimates, probe_sum, perturbed, strict=True):
                 est.addcmul_(z_sum, grad, value=-weight)
         if pending.estimates is not None:
+            pending.report.hessian_underflow = curvature_underflow(pending.estimates, perturbed)
             pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
         return loss, pending
 
@@ -737,6 +776,7 @@ class SasshaDeepSpeed:
         opt.counters[keys.GLOBAL_STEP] += 1
         if pending.hessian_due:
             opt.counters[keys.HESSIAN_REFRESHES] += 1
+            opt.warn_on_underflow(pending.report)
 
     @torch.no_grad()
     def _restore_not_updated(self, plan: _UpdatePlan) -> None:
@@ -758,7 +798,7 @@ class SasshaDeepSpeed:
         last = len(closures) - 1
         for k, closure in enumerate(closures):
             engine.set_gradient_accumulation_boundary(k == last)
-            scaled = engine.backward(_evaluate(closure)).detach()
+            scaled = engine.backward(_evaluate(closure), scale_wrt_gas=self.scale_wrt_gas).detach()
             total = scaled if total is None else total + scaled
         grads = self.adapter.gradients()
         if not keep:

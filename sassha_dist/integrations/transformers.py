@@ -64,8 +64,87 @@ Training logs gain, for the last step before each log: ``sassha/grad_norm``
 ``sassha/hessian_refreshes`` and ``sassha/skipped_steps`` (running totals).
 The Trainer's own ``grad_norm`` is the perturbed gradient's, before clipping.
 
-Not supported yet (a clear error at start-up): DeepSpeed, FSDP,
-tensor/context/sequence parallelism, fp16 with a GradScaler, and
+FSDP2 (accelerate's FSDP plugin, ``fsdp_version: 2``)
+-----------------------------------------------------
+
+``--fsdp`` with ``fsdp_config`` version 2 (transformers' default) or an
+accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``
+(``launch/accelerate/fsdp2.yaml``) works unchanged; what happens underneath:
+
+* The Trainer creates the optimizer over the plain parameters, then
+  accelerate's ``prepare`` shards the model (``fully_shard``) and swaps the
+  optimizer's parameters for DTensors in place. :class:`TrainerSassha` detects
+  its strategy again before the first pass: ``FullyShard``, with
+  finite-difference Hessians and global probes (``"auto"``), so the trajectory
+  does not depend on the number of ranks. ``hessian_method=exact`` and
+  ``local_perturbation=true`` need whole parameters and are refused at start-up.
+* The buffered micro-batches run under the Trainer's ``no_sync``
+  (``set_requires_gradient_sync(False)``) without any backward; the passes run
+  on the window's last micro-batch with gradient sync on, so every backward of
+  every pass reduce-scatters.
+* The Trainer clips the perturbed gradient with accelerate's DTensor-aware
+  ``clip_grad_norm_`` (global norm), as under DDP.
+* Checkpoints go through accelerate's ``save_fsdp_optimizer`` /
+  ``load_fsdp_optimizer`` (``torch.distributed.checkpoint``; both
+  ``SHARDED_STATE_DICT`` and ``FULL_STATE_DICT``). torch's state-dict API
+  initialises an empty optimizer by calling ``step()`` without a closure at
+  ``lr=0`` with zero gradients; :class:`TrainerSassha` then creates the zero
+  state and updates nothing. It keeps only ``state`` and ``param_groups``, so
+  the counters ride along in every param group. ``resume_from_checkpoint``
+  continues bit-exactly.
+* ``evaluate()`` before any training (run_clm.py's untrained evaluation) would
+  make the stock loop prepare the model alone, which accelerate refuses under
+  FSDP2; :class:`SasshaTrainer` prepares model and optimizer together first.
+* With bf16 mixed precision the parameters SASSHA sees are fp32 while the
+  passes run in bf16: ``--optim_args fd_step=2.5e-2`` is required (a start-up
+  error says so; the fp32 default 1e-3 drowns in bf16 rounding).
+* ``sassha/hessian_mean`` and ``sassha/hessian_max`` describe this rank's shard
+  of ``D`` (the logs shown are rank 0's); ``sassha/grad_norm`` is global and
+  ``sassha/sharpness`` is this rank's, as under DDP.
+
+DeepSpeed ZeRO 1, 2, 3 (``--deepspeed config.json`` or an accelerate DeepSpeed config)
+-------------------------------------------------------------------------------------
+
+``--deepspeed`` with a config that has no ``optimizer`` block (ZeRO stage 1-3,
+fp32 or bf16), or ``accelerate launch --config_file
+launch/accelerate/deepspeed_zero{1,2,3}.yaml`` without ``--deepspeed``, works
+with ``--optim sassha``; what happens underneath:
+
+* transformers' ``deepspeed_init`` asks :meth:`SasshaTrainer.create_optimizer`
+  for DeepSpeed's client optimizer, which is a
+  :class:`~sassha_dist.distributed.deepspeed.ZeroSassha` over the Trainer's
+  usual parameter groups (SASSHA on ZeRO's flat partitions: each rank holds
+  1/W of ``m`` and ``D``; finite-difference Hessians, global probes).
+* The window's last ``training_step`` drives the whole step through the engine
+  with :class:`~sassha_dist.distributed.deepspeed.SasshaDeepSpeed` (every pass
+  through ``engine.backward`` with ``scale_wrt_gas=False``, as the stock
+  ``training_step`` does, then one ``engine.step()`` for the update). The
+  Trainer's ``optimizer.step()`` is accelerate's no-op under DeepSpeed.
+* The learning-rate schedule advances once per step: without a ``scheduler``
+  block the Trainer's scheduler steps (the engine has none); with one,
+  ``engine.step()`` steps DeepSpeed's and the Trainer's is accelerate's no-op.
+* ``gradient_clipping`` (``"auto"``: ``--max_grad_norm``) is applied by DeepSpeed
+  inside ``engine.step()`` to **the perturbed gradient**, as the Trainer's
+  clipping does without DeepSpeed; the logged ``grad_norm`` is its norm before
+  clipping. The engine's accumulation and clipping must equal
+  ``--gradient_accumulation_steps`` and ``--max_grad_norm`` (``"auto"`` in the
+  config; an accelerate config drops ``gradient_clipping: 0``, leaving
+  DeepSpeed's default 1.0): a mismatch is refused at the first step.
+* Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` carry ``m``,
+  ``D`` and the counters; ``resume_from_checkpoint`` continues exactly (same
+  world size and stage).
+* ``sassha/hessian_mean`` and ``sassha/hessian_max`` are model-wide (one
+  collective per log, on every rank, as the Trainer logs).
+* Refused at start-up with the fix (``check_config``): an ``optimizer`` block,
+  fp16, ZeRO stage 0, optimizer/parameter offload, and the others listed in
+  ``docs/deepspeed.md``; SASSHA options ZeRO cannot run (``hessian_method=exact``,
+  per-rank probes, ``local_perturbation``); an optimizer passed as
+  ``optimizers=(...)`` (the Trainer drops it under DeepSpeed).
+* ``evaluate()`` before ``train()`` fails under DeepSpeed in transformers itself,
+  whatever the optimizer; evaluation during and after training works.
+
+Not supported yet (a clear error at start-up): FSDP1 and XLA FSDP
+through the Trainer, tensor/context/sequence parallelism, fp16 with a GradScaler, and
 ``torch.nn.DataParallel``. Exact Hessian-vector products need a model whose ops
 have a double backward: fused SDPA attention has none, so load models with
 ``attn_implementation="eager"`` or use ``hessian_method=finite_difference``.
@@ -88,11 +167,12 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
@@ -259,18 +339,110 @@ class TrainerSassha(Sassha):
     micro-batch; the Trainer then clips the (perturbed) gradients and calls
     ``optimizer.step()`` with no closure, which here means ``update()``.
     ``step(closure)`` is the ordinary one-call step.
+
+    Two more things make it fit the engines the Trainer drives:
+
+    * **Parameters swapped after construction.** Under FSDP2 the Trainer
+      creates the optimizer over the plain parameters, then accelerate's
+      ``prepare`` shards the model and swaps the optimizer's parameters for
+      DTensors in place. A strategy detected at construction (no ``strategy=``
+      given) is therefore detected again, with the same options, before the
+      first pass that sees DTensor parameters (``FullyShard``: finite-difference
+      Hessians and global probes under ``"auto"``). State is created lazily, so
+      nothing was built for the old parameters.
+    * **torch.distributed.checkpoint.state_dict.** ``get_optimizer_state_dict``
+      / ``set_optimizer_state_dict`` (used by accelerate's FSDP checkpoints)
+      initialise empty state by setting zero gradients and ``lr=0`` and calling
+      ``step()`` without a closure; here that call creates the zero state and
+      updates nothing. They also keep only ``state`` and ``param_groups``, so
+      ``state_dict()`` repeats the optimizer-wide counters
+      (``state_keys.COUNTERS``) in every param group and ``load_state_dict``
+      takes them from there when the top-level entry is missing.
     """
+
+    def __init__(self, params: Any, *args: Any, strategy: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, *args, strategy=strategy, **kwargs)
+        self._strategy_detected = strategy is None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_strategy_detected", True)
+
+    def _follow_engine(self) -> None:
+        """Detect the strategy again if an engine swapped the parameters for DTensors after construction."""
+        if not getattr(self, "_strategy_detected", False):
+            return
+        params = self._all_params()
+        if not params or not all(isinstance(p, DTensor) for p in params):
+            return
+        from sassha_dist.distributed.fully_shard import FullyShard
+
+        if isinstance(self.strategy, FullyShard):
+            return
+        if self.state:
+            raise RuntimeError(
+                "TrainerSassha: the parameters became DTensors (FSDP2) after optimizer state was created "
+                "for the unsharded ones. Create the optimizer before accelerate's prepare and do not step "
+                "it before."
+            )
+        options = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        # A throwaway Sassha over the new parameters resolves the strategy and the "auto" choices
+        # (and rejects what the new engine cannot do) exactly as construction does.
+        resolved = Sassha(params, **options)
+        self.strategy = resolved.strategy
+        self.hessian_method = resolved.hessian_method
+        self.probe_mode = resolved.probe_mode
+
+    def gradient_pass(self, closure: Any) -> torch.Tensor:
+        self._follow_engine()
+        return super().gradient_pass(closure)
 
     def step(self, closure=None):  # type: ignore[override]
         if closure is not None:
             return super().step(closure)
         if not self.in_step:
+            if self._is_state_initialisation():
+                self._follow_engine()
+                for p in self._trainable_params():
+                    self._ensure_state(p)
+                return None
             raise RuntimeError(
                 "TrainerSassha.step() without a closure finishes a step started by SasshaTrainer."
                 "training_step, and none is in progress. Outside the Trainer call step(closure)."
             )
         report = self.update()
         return report.loss
+
+    def _is_state_initialisation(self) -> bool:
+        """torch.distributed.checkpoint's state initialisation: no state, every lr 0, all-zero gradients."""
+        if self.state or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        for p in self._trainable_params():
+            grad = p.grad
+            if grad is None:
+                return False
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            if local.numel() and bool(local.any()):
+                return False
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        counters = state_dict[keys.COUNTERS]
+        state_dict["param_groups"] = [
+            {**g, keys.COUNTERS: dict(counters)} for g in state_dict["param_groups"]
+        ]
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        in_groups = [g.pop(keys.COUNTERS, None) for g in groups]
+        state_dict["param_groups"] = groups
+        if keys.COUNTERS not in state_dict and in_groups and in_groups[0] is not None:
+            state_dict[keys.COUNTERS] = dict(in_groups[0])
+        self._follow_engine()
+        super().load_state_dict(state_dict)
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -283,16 +455,39 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-_DEEPSPEED_MESSAGE = (
-    "optim='sassha' under DeepSpeed is not implemented yet: DeepSpeed's engine steps its own optimizer "
-    "inside backward, which breaks SASSHA's two passes. Remove --deepspeed (and any deepspeed section of "
-    "the accelerate config) and train with DDP (accelerate launch --multi_gpu, or "
-    "launch/accelerate/cpu_ddp.yaml on CPUs) or on a single device."
+_DEEPSPEED_OPTIMIZER_MESSAGE = (
+    "optim='sassha' under DeepSpeed: the Trainer drops an optimizer passed as optimizers=(...) when it "
+    "initialises DeepSpeed, and SASSHA must be DeepSpeed's client optimizer (a ZeroSassha built over the "
+    "model's parameters). Use optim='sassha' with optim_args (or optimizer_cls_and_kwargs=(Sassha, kwargs)) "
+    "instead; SasshaTrainer then builds the ZeroSassha itself."
 )
+
+
+def _check_deepspeed_config(config: Any) -> None:
+    """Refuse, with the fix, a DeepSpeed config (``--deepspeed`` or accelerate's) that SASSHA cannot run."""
+    from sassha_dist.distributed.deepspeed import check_config
+
+    try:
+        check_config(config)
+    except ValueError as error:
+        raise ValueError(
+            f"optim='sassha' under DeepSpeed (--deepspeed or the accelerate config): {error}\n"
+            "(SasshaTrainer builds the ZeroSassha from --optim sassha / --optim_args itself.)"
+        ) from None
+
+
 _FSDP_MESSAGE = (
-    "optim='sassha' under FSDP is not implemented yet (sharded parameters need SASSHA's sharded "
-    "strategy). Remove --fsdp (and the FSDP section of the accelerate config) and train with DDP or on "
-    "a single device."
+    "optim='sassha' through the Trainer supports FSDP2 only (accelerate's FSDP plugin with fsdp_version 2); "
+    "FSDP1 (and XLA FSDP) is not implemented: its flat parameters need "
+    "sassha_dist.distributed.FlatShard(fsdp_model), which the Trainer cannot pass. Use FSDP2: --fsdp with "
+    "fsdp_config version 2 (transformers' default; drop 'version': 1 from --fsdp_config), or fsdp_version: 2 "
+    "in the accelerate config (launch/accelerate/fsdp2.yaml)."
+)
+_FSDP2_EXACT_MESSAGE = (
+    "optim='sassha' under FSDP2 through the Trainer computes Hessians by finite differences: exact "
+    "Hessian-vector products need a double backward through sharded parameters, and local_perturbation "
+    "needs whole parameters on every rank. Remove hessian_method=exact and local_perturbation=true from "
+    "optim_args (hessian_method=auto picks finite_difference under FSDP2), or train with DDP."
 )
 _FP16_MESSAGE = (
     "optim='sassha' does not support fp16 with a GradScaler: one loss scale cannot cover SASSHA's several "
@@ -320,9 +515,13 @@ def _selects_sassha(args: Any, kwargs: dict[str, Any]) -> bool:
 def _check_arguments(args: TrainingArguments) -> None:
     """Configurations the training arguments alone rule out for SASSHA."""
     if getattr(args, "deepspeed", None):
-        raise NotImplementedError(_DEEPSPEED_MESSAGE)
+        # The config after the Trainer filled its "auto" values (fp16/bf16, clipping, batch sizes).
+        hf_config = getattr(args, "hf_deepspeed_config", None)
+        _check_deepspeed_config(hf_config.config if hf_config is not None else args.deepspeed)
     if getattr(args, "fsdp", None):
-        raise NotImplementedError(_FSDP_MESSAGE)
+        plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+        if plugin_args.get("fsdp_version") != 2:  # FSDP1, or XLA FSDP (no plugin arguments)
+            raise NotImplementedError(_FSDP_MESSAGE)
     if getattr(args, "fp16", False):
         raise ValueError(_FP16_MESSAGE)
 
@@ -331,7 +530,8 @@ def _check_arguments(args: TrainingArguments) -> None:
 
 
 class SasshaTrainer(Trainer):
-    """``Trainer`` that runs SASSHA's two-pass step correctly, with gradient accumulation and DDP.
+    """``Trainer`` that runs SASSHA's two-pass step correctly, with gradient accumulation, DDP, FSDP2 and
+    DeepSpeed ZeRO.
 
     Used with ``optim="sassha"`` (``SasshaTrainingArguments``) it creates a
     :class:`TrainerSassha` over the Trainer's usual parameter groups (decay /
@@ -365,12 +565,40 @@ class SasshaTrainer(Trainer):
             self.optimizer_cls_and_kwargs
         )
 
+    def _requested_sassha_options(self) -> dict[str, Any]:
+        """SASSHA's keywords as requested, by whichever route chose it (optim_args, cls/kwargs, instance)."""
+        optimizer = self._sassha()
+        if optimizer is not None:
+            return {f.name: getattr(optimizer.options, f.name) for f in fields(optimizer.options)}
+        if _is_sassha_cls(self.optimizer_cls_and_kwargs):
+            return dict(self.optimizer_cls_and_kwargs[1])
+        return parse_sassha_optim_args(self.args.optim_args)
+
     def _check_engine(self) -> None:
         """Refuse, at start-up, engines (also those chosen by an accelerate config) that break the step."""
         if self.is_deepspeed_enabled:
-            raise NotImplementedError(_DEEPSPEED_MESSAGE)
-        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+            # Also reached when the DeepSpeed plugin comes from an accelerate config, not from --deepspeed.
+            if self.optimizer is not None:
+                raise ValueError(_DEEPSPEED_OPTIMIZER_MESSAGE)
+            _check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            self._check_deepspeed_options()
+        if getattr(self, "is_fsdp_xla_enabled", False):
             raise NotImplementedError(_FSDP_MESSAGE)
+        if self.is_fsdp_enabled:
+            # Also reached when the FSDP plugin comes from an accelerate config, not from --fsdp.
+            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise NotImplementedError(_FSDP_MESSAGE)
+            options = self._requested_sassha_options()
+            if options.get("hessian_method") == "exact" or options.get("local_perturbation"):
+                raise ValueError(_FSDP2_EXACT_MESSAGE)
+            if self.accelerator.mixed_precision == "bf16" and options.get("fd_step") is None:
+                # Measured on the tiny GPT-2, 4 steps: loss 5.55 -> 8.4 with the default step,
+                # 5.55 -> 5.7 with 2.5e-2.
+                raise ValueError(
+                    "optim='sassha' under FSDP2 with bf16 mixed precision needs an explicit "
+                    "finite-difference step: the parameters SASSHA sees are fp32, so the default (fp32's "
+                    "1e-3) would drown in the bf16 forward and backward. Pass --optim_args fd_step=2.5e-2."
+                )
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         sizes = {name: getattr(self, f"get_{name}_size", lambda: 1)() for name in ("tp", "cp", "sp")}
         if parallelism is not None and any(size > 1 for size in sizes.values()):
@@ -396,12 +624,64 @@ class SasshaTrainer(Trainer):
         cls_and_kwargs = self.optimizer_cls_and_kwargs
         if self.optimizer is None and cls_and_kwargs is not None and cls_and_kwargs[0] is Sassha:
             self.optimizer_cls_and_kwargs = (TrainerSassha, cls_and_kwargs[1])
+        if self.optimizer is None and self.is_deepspeed_enabled and self._uses_sassha():
+            # transformers' deepspeed_init calls this for DeepSpeed's client optimizer, which must be
+            # a ZeroSassha (SASSHA on ZeRO's flat partitions) built from the same keywords.
+            from sassha_dist.distributed.deepspeed import ZeroSassha
+
+            _, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer_cls_and_kwargs = (ZeroSassha, kwargs)
         return super().create_optimizer(model)
 
     def _sassha(self) -> Sassha | None:
         """The SASSHA optimizer under accelerate's wrapper, or ``None`` for any other optimizer."""
         optimizer = _unwrap_optimizer(self.optimizer)
+        if getattr(self, "is_deepspeed_enabled", False) and not isinstance(optimizer, Sassha):
+            # accelerate's wrapper holds DeepSpeed's ZeRO optimizer (not a torch Optimizer), which holds ours.
+            optimizer = _unwrap_optimizer(getattr(optimizer, "optimizer", None))
         return optimizer if isinstance(optimizer, Sassha) else None
+
+    def _check_deepspeed_options(self) -> None:
+        """Refuse at start-up the SASSHA options ZeRO cannot run (exact Hessians, per-rank probes, ...).
+
+        Builds a throwaway :class:`~sassha_dist.distributed.deepspeed.ZeroSassha` (state is created
+        lazily, so this allocates nothing), which raises the same error the real one would raise
+        inside ``train()``.
+        """
+        from sassha_dist.distributed.deepspeed import ZeroSassha
+
+        _, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        ZeroSassha([p for p in self.model.parameters() if p.requires_grad], **kwargs)
+
+    def _sassha_deepspeed(self) -> Any:
+        """The :class:`~sassha_dist.distributed.deepspeed.SasshaDeepSpeed` driving the current engine."""
+        from sassha_dist.distributed.deepspeed import SasshaDeepSpeed
+
+        engine = self.model_wrapped
+        driver = getattr(self, "_sassha_deepspeed_driver", None)
+        if driver is None or driver.engine is not engine:
+            engine_steps = engine.gradient_accumulation_steps()
+            if engine_steps != self.args.gradient_accumulation_steps:
+                raise ValueError(
+                    f"optim='sassha' under DeepSpeed: the engine accumulates {engine_steps} micro-batches "
+                    f"per step, the Trainer {self.args.gradient_accumulation_steps}. Set "
+                    '"gradient_accumulation_steps": "auto" in the DeepSpeed config (or the same value as '
+                    "--gradient_accumulation_steps) instead."
+                )
+            clipping = float(engine.gradient_clipping() or 0.0)
+            if clipping != float(self.args.max_grad_norm or 0.0):
+                # DeepSpeed clips the perturbed gradient inside engine.step(); the Trainer's own clipping
+                # is a no-op under DeepSpeed, so a differing value would be silently ignored.
+                raise ValueError(
+                    f"optim='sassha' under DeepSpeed: the engine clips gradients at {clipping} (DeepSpeed's "
+                    f"default is 1.0), --max_grad_norm is {self.args.max_grad_norm}. Set "
+                    '"gradient_clipping": "auto" in the DeepSpeed config (or the same value as '
+                    "--max_grad_norm; accelerate's config drops gradient_clipping: 0) instead."
+                )
+            # The Trainer's closures return losses already scaled for accumulation (as the stock
+            # training_step does, which also passes scale_wrt_gas=False under DeepSpeed).
+            driver = self._sassha_deepspeed_driver = SasshaDeepSpeed(engine, scale_wrt_gas=False)
+        return driver
 
     def train(self, *args: Any, **kwargs: Any):
         self._sassha_window = []
@@ -409,6 +689,36 @@ class SasshaTrainer(Trainer):
         if optimizer is not None:
             optimizer.cancel()
         return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The stock ``evaluate``; under FSDP2 before any training, the model is sharded first.
+
+        The stock evaluation loop would ``prepare`` the model alone, which accelerate refuses
+        under FSDP2 (model and optimizer must be prepared together). So the optimizer is
+        created and both are prepared exactly as ``train()`` would; ``train()`` then finds
+        them prepared (evaluating the untrained model, as run_clm.py does, works).
+        """
+        if not (self._uses_sassha() and self._fsdp2_unprepared()):
+            return super().evaluate(*args, **kwargs)
+        from torch.distributed.fsdp import FSDPModule
+
+        self.create_optimizer()
+        model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model = self.model_wrapped = model
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            # Units that keep their weights unsharded after forward (the root, the output layer) would
+            # still hold them: reshard, so train()'s prepare finds the sharded parameters again.
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def _fsdp2_unprepared(self) -> bool:
+        accelerator = self.accelerator
+        return bool(
+            self.is_fsdp_enabled and getattr(accelerator, "is_fsdp2", False) and not accelerator._models
+        )
 
     # -- the step --------------------------------------------------------------------------
 
@@ -461,6 +771,14 @@ class SasshaTrainer(Trainer):
             )
             window = window[-micro_batches:]
         closures = [self._closure(model, batch, n, micro_batches) for batch, n in window]
+        if self.is_deepspeed_enabled:
+            # The whole step, update included, runs through the engine (its optimizer.step() and the
+            # Trainer's optimizer.step() are no-ops under DeepSpeed).
+            return self._sassha_deepspeed().step(closures).detach().to(self.args.device)
+        if self.is_fsdp_enabled and hasattr(model, "set_requires_gradient_sync"):
+            # FSDP2: every pass runs the whole window now, so each backward must reduce-scatter
+            # (the Trainer's no_sync, which sets this to False, only covers the buffered micro-batches).
+            model.set_requires_gradient_sync(True)
         return self._sassha_passes(optimizer, closures)
 
     def _sassha_passes(self, optimizer: Sassha, closures: Sequence[Any]) -> torch.Tensor:
@@ -503,7 +821,12 @@ class SasshaTrainer(Trainer):
         if report.loss is not None and report.perturbed_loss is not None:
             # The loss increase the perturbation found (the window's loss at theta + eps minus at theta).
             logs["sassha/sharpness"] = float(report.perturbed_loss - report.loss)
-        stats = optimizer.hessian_stats()
+        # Under DeepSpeed each rank holds a partition of D: the model-wide figures need a collective
+        # (the Trainer logs on every rank, the main process prints).
+        if self.is_deepspeed_enabled:
+            stats = self._sassha_deepspeed().hessian_stats()
+        else:
+            stats = optimizer.hessian_stats()
         logs["sassha/hessian_mean"] = stats["hessian_mean"]
         logs["sassha/hessian_max"] = stats["hessian_max"]
         refreshes = optimizer.counters[keys.HESSIAN_REFRESHES]
