@@ -18,6 +18,11 @@ byte-level tokenizer::
     python integrations/run_clm.py --model_name_or_path path/to/gpt2 \\
         --train_file train.txt --validation_file valid.txt --block_size 512 --output_dir out
 
+    # a model and a dataset from the hub (or a local dataset directory), on a GPU node
+    accelerate launch --config_file launch/accelerate/multi_gpu.yaml integrations/run_clm.py \\
+        --model_name_or_path gpt2 --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \\
+        --optim sassha --bf16 --block_size 512 --output_dir out
+
 It evaluates the untrained model first, trains (the Trainer's progress bar and logs, with
 SASSHA's diagnostics under ``sassha/*``), evaluates again, prints both losses and
 perplexities, and writes ``loss_curve.png`` and ``all_results.json`` to ``--output_dir``.
@@ -122,6 +127,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset for `datasets.load_dataset` (a hub name, or a local directory of "
+            "text/json/csv/parquet files); needs `pip install datasets`. Its text column is used."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    text_column: str = field(
+        default="text", metadata={"help": "The column of --dataset_name holding the text."}
+    )
     train_file: str | None = field(
         default=None, metadata={"help": "Plain-text training file. Default: the embedded stdlib corpus."}
     )
@@ -202,8 +218,51 @@ def _pairs(optim_args: str | None) -> dict[str, str]:
     return pairs
 
 
+def _hold_out(text: str, percentage: int) -> tuple[str, str]:
+    """The last ``percentage``% of ``text`` (cut at a line break) as validation text."""
+    if not 0 < percentage < 100:
+        raise ValueError("--validation_split_percentage must be in (0, 100) without a validation split.")
+    cut = len(text) * (100 - percentage) // 100
+    newline = text.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else cut
+    return text[:cut], text[cut:]
+
+
+def _read_dataset(data_args: DataArguments) -> tuple[str, str, str]:
+    """(train text, validation text, description) from ``datasets.load_dataset``."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("--dataset_name needs the datasets library: pip install datasets") from None
+    loaded = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    name = data_args.dataset_name + (
+        f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else ""
+    )
+    if "train" not in loaded:
+        raise ValueError(f"--dataset_name {name} has no train split (splits: {sorted(loaded)}).")
+
+    def text_of(split: str) -> str:
+        if data_args.text_column not in loaded[split].column_names:
+            raise ValueError(
+                f"--dataset_name {name} has no column {data_args.text_column!r} (columns: "
+                f"{loaded[split].column_names}); pass --text_column."
+            )
+        return "\n\n".join(t for t in loaded[split][data_args.text_column] if t)
+
+    for split in ("validation", "test"):
+        if split in loaded:
+            return text_of("train"), text_of(split), f"{name}, {split} split"
+    percentage = data_args.validation_split_percentage
+    train, validation = _hold_out(text_of("train"), percentage)
+    return train, validation, f"{name} (last {percentage}% of train held out)"
+
+
 def _read_texts(data_args: DataArguments) -> tuple[str, str, str]:
     """(train text, validation text, description)."""
+    if data_args.dataset_name is not None:
+        if data_args.train_file is not None or data_args.validation_file is not None:
+            raise ValueError("Pass either --dataset_name or --train_file/--validation_file, not both.")
+        return _read_dataset(data_args)
     if data_args.train_file is None:
         if data_args.validation_file is not None:
             raise ValueError("--validation_file needs --train_file.")
@@ -216,14 +275,10 @@ def _read_texts(data_args: DataArguments) -> tuple[str, str, str]:
     train = Path(data_args.train_file).read_text(encoding="utf-8")
     if data_args.validation_file is not None:
         return train, Path(data_args.validation_file).read_text(encoding="utf-8"), data_args.train_file
-    if not 0 < data_args.validation_split_percentage < 100:
-        raise ValueError("--validation_split_percentage must be in (0, 100) without --validation_file.")
-    cut = len(train) * (100 - data_args.validation_split_percentage) // 100
-    newline = train.rfind("\n", 0, cut)
-    cut = newline + 1 if newline > 0 else cut
+    train, validation = _hold_out(train, data_args.validation_split_percentage)
     return (
-        train[:cut],
-        train[cut:],
+        train,
+        validation,
         f"{data_args.train_file} (last {data_args.validation_split_percentage}% held out)",
     )
 

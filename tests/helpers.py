@@ -105,3 +105,24 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 STATE_TENSOR_KEYS = (keys.MOMENTUM, keys.HESSIAN_DIAG)
+
+
+def trainer_arguments(output_dir, **settings):
+    """``SasshaTrainingArguments`` for the Trainer tests: ``optim="sassha"``, batches in order, a
+    linear schedule, a log every step, no saves, the CPU, no progress bar, seed 0. ``settings``
+    gives the rest (optim_args, learning rate, batch sizes, ...) and may override any of these."""
+    from sassha_dist.integrations.transformers import SasshaTrainingArguments  # imports transformers
+
+    defaults = {
+        "output_dir": str(output_dir),
+        "optim": "sassha",
+        "lr_scheduler_type": "linear",
+        "train_sampling_strategy": "sequential",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return SasshaTrainingArguments(**{**defaults, **settings})

@@ -178,3 +178,45 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
     for name, value in reference["params"].items():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_dataset_name_trains_on_a_local_datasets_directory(tmp_path):
+    """--dataset_name goes through datasets.load_dataset (here a local directory with train and
+    validation text files, offline): the description names the dataset's validation split, and
+    training on it lowers the evaluation loss from the untrained model's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "tiny",
+        "models",
+        "learn",
+        "bytes",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for split, rows in (("train", 400), ("validation", 40)):
+        picks = torch.randint(0, len(words), (rows, 12), generator=gen).tolist()
+        (data / f"{split}.txt").write_text("\n".join(" ".join(words[i] for i in row) for row in picks))
+    out = tmp_path / "clm"
+    result = _run(
+        [
+            sys.executable, "integrations/run_clm.py", "--dataset_name", str(data), "--output_dir", str(out),
+            "--block_size", "64", "--max_steps", "20", "--eval_strategy", "no", "--disable_tqdm", "true",
+        ],
+        tmp_path,
+        timeout=600,
+        extra_env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")},
+    )  # fmt: skip
+    assert f"{data}, validation split" in result.stdout
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["eval_loss"] < 0.75 * metrics["untrained_eval_loss"], metrics

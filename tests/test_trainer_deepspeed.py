@@ -41,6 +41,7 @@ deepspeed = pytest.importorskip("deepspeed")
 from sassha_dist import state_keys as keys  # noqa: E402
 from sassha_dist.integrations.transformers import SasshaTrainer, SasshaTrainingArguments  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
+from tests.helpers import trainer_arguments  # noqa: E402
 
 WORLD, BATCH, ACCUM = 2, 3, 2
 STEPS, SAVE_AT = 6, 3
@@ -90,28 +91,19 @@ class Samples(torch.utils.data.Dataset):
 
 
 def _args(out: str, **overrides) -> SasshaTrainingArguments:
-    settings = {
-        "output_dir": out,
-        "optim": "sassha",
-        "optim_args": OPTIM_ARGS,
-        "learning_rate": LR,
-        "weight_decay": WD,
-        "lr_scheduler_type": "linear",  # decays every step: a schedule applied twice would show
-        "max_steps": STEPS,
-        "per_device_train_batch_size": BATCH,
-        "gradient_accumulation_steps": ACCUM,
-        "train_sampling_strategy": "sequential",
-        "max_grad_norm": CLIP,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "ddp_backend": "gloo",
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return SasshaTrainingArguments(**settings)
+    return trainer_arguments(
+        out,
+        optim_args=OPTIM_ARGS,
+        learning_rate=LR,
+        weight_decay=WD,
+        lr_scheduler_type="linear",  # decays every step: a schedule applied twice would show
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        max_grad_norm=CLIP,
+        ddp_backend="gloo",
+        **overrides,
+    )
 
 
 def _ds_config(stage: int) -> dict:

@@ -44,6 +44,7 @@ from sassha_dist.integrations.embedded import BlockDataset, tiny_gpt2
 from sassha_dist.integrations.transformers import SasshaTrainer, SasshaTrainingArguments, TrainerSassha
 from tests.accelerate_env import fsdp_env
 from tests.distributed import run_ranks
+from tests.helpers import trainer_arguments
 
 BLOCK, STEPS, SAVE_AT, ACCUM, WORLD = 16, 4, 2, 2, 2
 OPTIM_ARGS = "rho=0.05,lazy_hessian=2"
@@ -64,28 +65,18 @@ def _eval_data() -> BlockDataset:
 
 
 def _args(output_dir: Path, batch: int, **overrides) -> SasshaTrainingArguments:
-    settings = {
-        "output_dir": str(output_dir),
-        "optim": "sassha",
-        "optim_args": OPTIM_ARGS,
-        "learning_rate": 0.05,
-        "weight_decay": 0.1,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 1,
-        "max_steps": STEPS,
-        "per_device_train_batch_size": batch,
-        "gradient_accumulation_steps": ACCUM,
-        "train_sampling_strategy": "sequential",
-        "max_grad_norm": 1.0,  # below the perturbed gradient's norm: clipping is active
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return SasshaTrainingArguments(**settings)
+    return trainer_arguments(
+        output_dir,
+        optim_args=OPTIM_ARGS,
+        learning_rate=0.05,
+        weight_decay=0.1,
+        warmup_steps=1,
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=ACCUM,
+        max_grad_norm=1.0,  # below the perturbed gradient's norm: clipping is active
+        **overrides,
+    )
 
 
 def _take_fsdp_path_on_cpu() -> None:

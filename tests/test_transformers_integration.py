@@ -33,6 +33,7 @@ from sassha_dist.integrations.transformers import (
     parse_sassha_optim_args,
     sassha_optimizer_kwargs,
 )
+from tests.helpers import trainer_arguments
 
 BLOCK = 16
 BATCH, ACCUM, STEPS = 2, 2, 4
@@ -52,28 +53,18 @@ def _blocks(n: int = BATCH * ACCUM * STEPS, seed: int = 0) -> torch.Tensor:
 
 
 def _args(tmp_path, **overrides) -> SasshaTrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "optim": "sassha",
-        "optim_args": "rho=0.05,lazy_hessian=2",
-        "learning_rate": LR,
-        "weight_decay": WD,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 1,
-        "max_steps": STEPS,
-        "per_device_train_batch_size": BATCH,
-        "gradient_accumulation_steps": ACCUM,
-        "train_sampling_strategy": "sequential",
-        "max_grad_norm": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return SasshaTrainingArguments(**settings)
+    return trainer_arguments(
+        tmp_path / "out",
+        optim_args="rho=0.05,lazy_hessian=2",
+        learning_rate=LR,
+        weight_decay=WD,
+        warmup_steps=1,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        max_grad_norm=0.0,
+        **overrides,
+    )
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
