@@ -91,19 +91,18 @@ class Samples(torch.utils.data.Dataset):
 
 
 def _args(out: str, **overrides) -> SasshaTrainingArguments:
-    return trainer_arguments(
-        out,
-        optim_args=OPTIM_ARGS,
-        learning_rate=LR,
-        weight_decay=WD,
-        lr_scheduler_type="linear",  # decays every step: a schedule applied twice would show
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        max_grad_norm=CLIP,
-        ddp_backend="gloo",
-        **overrides,
-    )
+    settings = {
+        "optim_args": OPTIM_ARGS,
+        "learning_rate": LR,
+        "weight_decay": WD,
+        "lr_scheduler_type": "linear",  # decays every step: a schedule applied twice would show
+        "max_steps": STEPS,
+        "per_device_train_batch_size": BATCH,
+        "gradient_accumulation_steps": ACCUM,
+        "max_grad_norm": CLIP,
+        "ddp_backend": "gloo",
+    }
+    return trainer_arguments(out, **{**settings, **overrides})
 
 
 def _ds_config(stage: int) -> dict:

@@ -65,18 +65,17 @@ def _eval_data() -> BlockDataset:
 
 
 def _args(output_dir: Path, batch: int, **overrides) -> SasshaTrainingArguments:
-    return trainer_arguments(
-        output_dir,
-        optim_args=OPTIM_ARGS,
-        learning_rate=0.05,
-        weight_decay=0.1,
-        warmup_steps=1,
-        max_steps=STEPS,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=ACCUM,
-        max_grad_norm=1.0,  # below the perturbed gradient's norm: clipping is active
-        **overrides,
-    )
+    settings = {
+        "optim_args": OPTIM_ARGS,
+        "learning_rate": 0.05,
+        "weight_decay": 0.1,
+        "warmup_steps": 1,
+        "max_steps": STEPS,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": ACCUM,
+        "max_grad_norm": 1.0,  # below the perturbed gradient's norm: clipping is active
+    }
+    return trainer_arguments(output_dir, **{**settings, **overrides})
 
 
 def _take_fsdp_path_on_cpu() -> None:

@@ -53,18 +53,17 @@ def _blocks(n: int = BATCH * ACCUM * STEPS, seed: int = 0) -> torch.Tensor:
 
 
 def _args(tmp_path, **overrides) -> SasshaTrainingArguments:
-    return trainer_arguments(
-        tmp_path / "out",
-        optim_args="rho=0.05,lazy_hessian=2",
-        learning_rate=LR,
-        weight_decay=WD,
-        warmup_steps=1,
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        max_grad_norm=0.0,
-        **overrides,
-    )
+    settings = {
+        "optim_args": "rho=0.05,lazy_hessian=2",
+        "learning_rate": LR,
+        "weight_decay": WD,
+        "warmup_steps": 1,
+        "max_steps": STEPS,
+        "per_device_train_batch_size": BATCH,
+        "gradient_accumulation_steps": ACCUM,
+        "max_grad_norm": 0.0,
+    }
+    return trainer_arguments(tmp_path / "out", **{**settings, **overrides})
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
