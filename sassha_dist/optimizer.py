@@ -833,6 +833,11 @@ class Sassha(Optimizer):
     def _probe(self, like: torch.Tensor, segments: list[ProbeSegment], sample: int) -> torch.Tensor:
         """Probe ``sample`` for a tensor shaped like ``like``, filled segment by segment."""
         refresh, rank = self.counters[keys.HESSIAN_REFRESHES], self._probe_rank()
+        if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
+            seg = segments[0]  # the usual case: one range of one parameter, no copy needed
+            key = probe_key(self.options.seed, refresh, seg.param_index, sample, rank)
+            z = rademacher(key, seg.length, offset=seg.element_offset, dtype=like.dtype, device=like.device)
+            return z.view_as(like)
         z = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
         for seg in segments:
             z[seg.local_start : seg.local_start + seg.length] = rademacher(

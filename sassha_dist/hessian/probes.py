@@ -60,19 +60,42 @@ def probe_key(seed: int, hessian_update: int, param_index: int, sample: int, ran
     return key
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` without int64 overflow."""
-    low = (x & 0xFFFF) * c
-    high = (((x >> 16) * c) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _xor_shift_(x: torch.Tensor, bits: int, scratch: torch.Tensor) -> None:
+    """In place: ``x ^= x >> bits``."""
+    torch.bitwise_right_shift(x, bits, out=scratch)
+    x.bitwise_xor_(scratch)
 
 
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _FMIX_C1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, _FMIX_C2)
-    return x ^ (x >> 16)
+def _mul32_(x: torch.Tensor, c: int, scratch: torch.Tensor) -> None:
+    """In place: ``x = (x * c) mod 2**32`` for ``0 <= x < 2**32``, without int64 overflow.
+
+    ``x * c = low16(x) * c + high16(x) * c * 2**16``; modulo 2**32 only the low 16 bits of
+    ``high16(x) * c`` survive the shift. Every product stays below 2**48.
+    """
+    torch.bitwise_and(x, 0xFFFF, out=scratch)
+    scratch.mul_(c)
+    x.bitwise_right_shift_(16).mul_(c).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    x.add_(scratch).bitwise_and_(_MASK32)
+
+
+def _fmix32_(x: torch.Tensor, scratch: torch.Tensor) -> None:
+    """In place: the MurmurHash3 32-bit finaliser of every entry of ``x`` (each in [0, 2**32))."""
+    _xor_shift_(x, 16, scratch)
+    _mul32_(x, _FMIX_C1, scratch)
+    _xor_shift_(x, 13, scratch)
+    _mul32_(x, _FMIX_C2, scratch)
+    _xor_shift_(x, 16, scratch)
+
+
+def _chunks(offset: int, numel: int, chunk: int):
+    """``(start, stop)`` ranges of at most ``chunk`` entries that never cross a multiple of 2**32
+    in the full index ``offset + i``, so the index's high word is one integer per range."""
+    start = 0
+    while start < numel:
+        boundary = ((offset + start) // (1 << 32) + 1) * (1 << 32) - offset
+        stop = min(start + chunk, numel, boundary)
+        yield start, stop
+        start = stop
 
 
 def rademacher(
@@ -88,16 +111,26 @@ def rademacher(
     Returns a 1-D tensor of +1/-1 values in ``dtype``. Reshape it to the
     parameter (or shard) it belongs to; entry ``i`` is the probe value of
     the full parameter's flattened element ``offset + i``.
+
+    Entry ``i`` is the top bit of ``fmix32(fmix32(lo(i) ^ lo(key)) ^ hi(i) ^ hi(key))`` (``lo``
+    and ``hi`` the 32-bit words), mapped to +1 (bit 0) or -1 (bit 1). It is computed chunk by
+    chunk in place, in two int64 buffers of the chunk's size (16 bytes per entry at most).
     """
     if numel < 0 or offset < 0:
         raise ValueError(f"Invalid probe range {numel=}, {offset=}. Both must be >= 0.")
     key_low, key_high = key & _MASK32, key >> 32
     out = torch.empty(numel, dtype=dtype, device=device)
     chunk = _CPU_CHUNK if out.device.type == "cpu" else _ACCELERATOR_CHUNK
-    for start in range(0, numel, chunk):
-        stop = min(start + chunk, numel)
-        index = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=device)
-        h = _fmix32((index & _MASK32) ^ key_low)
-        h = _fmix32(h ^ (index >> 32) ^ key_high)
-        out[start:stop] = 1.0 - 2.0 * (h >> 31).to(dtype)
+    hashed = torch.empty(min(chunk, numel), dtype=torch.int64, device=out.device)
+    scratch = torch.empty_like(hashed)
+    for start, stop in _chunks(offset, numel, chunk):
+        first, size = offset + start, stop - start
+        h, s = hashed[:size], scratch[:size]
+        torch.arange(first, first + size, dtype=torch.int64, device=out.device, out=h)
+        h.bitwise_and_(_MASK32).bitwise_xor_(key_low)
+        _fmix32_(h, s)
+        h.bitwise_xor_((first >> 32) ^ key_high)
+        _fmix32_(h, s)
+        h.bitwise_right_shift_(31).mul_(-2).add_(1)  # top bit 0 -> +1, 1 -> -1
+        out[start:stop].copy_(h)
     return out
