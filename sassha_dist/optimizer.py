@@ -59,7 +59,7 @@ from sassha_dist.hessian.hvp import (
     exact_hvp,
     finite_difference_step,
 )
-from sassha_dist.hessian.probes import probe_key, rademacher
+from sassha_dist.hessian.probes import probe_key, rademacher_ranges
 
 __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport"]
 
@@ -797,6 +797,7 @@ class Sassha(Optimizer):
         """
         params = pending.params
         samples = self.options.n_samples
+        # Sums over micro-batches and samples, started from the first term (no zero-filled buffers).
         estimates: list[torch.Tensor] = []
         perturbed_grads: list[torch.Tensor] = []
         probe_sets: list[list[torch.Tensor]] = []
@@ -806,8 +807,6 @@ class Sassha(Optimizer):
                 loss = _evaluate(closure)
                 inputs = self.strategy.differentiable_params(params)
                 if not probe_sets:
-                    estimates = [torch.zeros_like(t, dtype=state_dtype(t.dtype)) for t in inputs]
-                    perturbed_grads = [torch.zeros_like(t) for t in inputs]
                     probe_sets = [
                         self._whole_probes(inputs, pending.probe_indices, s) for s in range(samples)
                     ]
@@ -816,10 +815,20 @@ class Sassha(Optimizer):
                 for sample, probes in enumerate(probe_sets):
                     products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
                     with torch.no_grad():
+                        if not estimates:  # z is +-1: (z * hv) * (1/S) equals addcmul's (1/S * z) * hv
+                            dtypes = [state_dtype(hv.dtype) for hv in products]
+                            estimates = [
+                                (z.to(dtype) * hv.to(dtype)).mul_(1.0 / samples)
+                                for z, hv, dtype in zip(probes, products, dtypes, strict=True)
+                            ]
+                            continue
                         for est, z, hv in zip(estimates, probes, products, strict=True):
                             est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / samples)
                 with torch.no_grad():
-                    torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
+                    if perturbed_grads:
+                        torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
+                    else:
+                        perturbed_grads = [g.detach() for g in grads]
                 total = loss.detach() if total is None else total + loss.detach()
         for p, g in zip(params, self.strategy.reduce_exact(params, perturbed_grads), strict=True):
             p.grad = g
@@ -830,40 +839,55 @@ class Sassha(Optimizer):
     def _probe_rank(self) -> int:
         return self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
 
-    def _probe(self, like: torch.Tensor, segments: list[ProbeSegment], sample: int) -> torch.Tensor:
-        """Probe ``sample`` for a tensor shaped like ``like``, filled segment by segment."""
+    def _probes_for(
+        self, likes: Sequence[torch.Tensor], segment_lists: Sequence[list[ProbeSegment]], sample: int
+    ) -> list[torch.Tensor]:
+        """Probe ``sample`` for each tensor of ``likes``, filled from its segments (zero elsewhere).
+
+        All segments are drawn in one batched hash per (dtype, device); a tensor that is one
+        whole segment gets a view of the drawn values, without a copy.
+        """
         refresh, rank = self.counters[keys.HESSIAN_REFRESHES], self._probe_rank()
-        if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
-            seg = segments[0]  # the usual case: one range of one parameter, no copy needed
-            key = probe_key(self.options.seed, refresh, seg.param_index, sample, rank)
-            z = rademacher(key, seg.length, offset=seg.element_offset, dtype=like.dtype, device=like.device)
-            return z.view_as(like)
-        z = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        for seg in segments:
-            z[seg.local_start : seg.local_start + seg.length] = rademacher(
-                probe_key(self.options.seed, refresh, seg.param_index, sample, rank),
-                seg.length,
-                offset=seg.element_offset,
-                dtype=like.dtype,
-                device=like.device,
-            )
-        return z.view_as(like)
+        seed = self.options.seed
+        requests = [
+            (like, seg) for like, segments in zip(likes, segment_lists, strict=True) for seg in segments
+        ]
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, (like, _) in enumerate(requests):
+            by_kind.setdefault((like.dtype, like.device), []).append(i)
+        drawn: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+        for (dtype, device), members in by_kind.items():
+            ranges = [
+                (probe_key(seed, refresh, seg.param_index, sample, rank), seg.length, seg.element_offset)
+                for seg in (requests[i][1] for i in members)
+            ]
+            for i, z in zip(members, rademacher_ranges(ranges, dtype=dtype, device=device), strict=True):
+                drawn[i] = z
+        probes, pieces = [], iter(drawn)
+        for like, segments in zip(likes, segment_lists, strict=True):
+            if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
+                probes.append(next(pieces).view_as(like))
+                continue
+            z = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+            for seg in segments:
+                z[seg.local_start : seg.local_start + seg.length] = next(pieces)
+            probes.append(z.view_as(like))
+        return probes
 
     def _probes(self, pending: _PendingStep, sample: int) -> list[torch.Tensor]:
         """Probe ``sample`` for each local shard, from the elements of the full parameters it holds."""
-        return [
-            self._probe(local, self.strategy.probe_segments(p, index), sample)
-            for p, local, index in zip(pending.params, pending.locals, pending.probe_indices, strict=True)
+        segments = [
+            self.strategy.probe_segments(p, index)
+            for p, index in zip(pending.params, pending.probe_indices, strict=True)
         ]
+        return self._probes_for(pending.locals, segments, sample)
 
     def _whole_probes(
         self, tensors: list[torch.Tensor], indices: list[int], sample: int
     ) -> list[torch.Tensor]:
         """Probe ``sample`` for whole (unsharded) parameter tensors."""
-        return [
-            self._probe(t, [ProbeSegment(0, t.numel(), index, 0)], sample)
-            for t, index in zip(tensors, indices, strict=True)
-        ]
+        segments = [[ProbeSegment(0, t.numel(), index, 0)] for t, index in zip(tensors, indices, strict=True)]
+        return self._probes_for(tensors, segments, sample)
 
     def _gradient_at(
         self,

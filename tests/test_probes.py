@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sassha_dist.hessian.probes import probe_key, rademacher
+from sassha_dist.hessian.probes import probe_key, rademacher, rademacher_ranges
 
 N = 100_000
 # For n independent fair +-1 values, a mean (or a mean of products of two independent streams) has standard
@@ -164,3 +164,20 @@ def test_negative_seed_raises():
     """The seed is a probe coordinate too: ``seed & (2**64 - 1)`` would silently alias -1 with 2**64 - 1."""
     with pytest.raises(ValueError, match="seed"):
         probe_key(-1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_ranges_equal_one_call_per_range(dtype):
+    """rademacher_ranges hashes short ranges together (and long ones, or ones crossing a multiple
+    of 2**32 in the index, one by one): every range gets exactly rademacher's values."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 7, 64, 1000, 70_000, (1 << 18) + 5]  # the last two: longer than a CPU batch
+    offsets = [0, 3, 2**31, 2**32 - 10, 2**32 + 5, 2**40]  # 2**32 - 10 with >10 entries crosses a word
+    ranges = []
+    for _ in range(40):
+        i = torch.randint(len(sizes), (), generator=gen)
+        j = torch.randint(len(offsets), (), generator=gen)
+        key = int(torch.randint(0, 2**62, (), generator=gen))
+        ranges.append((key, sizes[int(i)], offsets[int(j)]))
+    for (key, numel, offset), got in zip(ranges, rademacher_ranges(ranges, dtype=dtype), strict=True):
+        assert torch.equal(got, rademacher(key, numel, offset=offset, dtype=dtype)), (key, numel, offset)

@@ -57,10 +57,10 @@ EXACT_HVP_COST = 2.0
 #: SASSHA's parameter-sized buffers beyond the engine's own gradient buffer,
 #: counted from ``sassha_dist/optimizer.py`` and confirmed by :func:`check`:
 #: every step: the exact copy of theta; exact-Hessian steps: theta, the estimate,
-#: the zero-filled gradient accumulator, the probe and the HVP products; central
+#: the probe and the HVP products; central
 #: or forward finite-difference steps: theta, the perturbed point, the estimate,
 #: the probe, the perturbed gradient set aside and the first difference gradient.
-SASSHA_BUFFERS = {"step": 1, "exact": 5, "finite_difference": 6}
+SASSHA_BUFFERS = {"step": 1, "exact": 4, "finite_difference": 6}
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from sassha_dist.bench.common import (
 from sassha_dist.bench.models import MODEL_SIZES, build_lm, count_parameters, random_token_batches, train_step
 from sassha_dist.bench.models import build_optimizer as _build_optimizer
 from sassha_dist.hessian.hvp import exact_hvp
-from sassha_dist.hessian.probes import probe_key, rademacher
+from sassha_dist.hessian.probes import probe_key, rademacher_ranges
 
 __all__ = ["FLOOR_TOLERANCE", "add_arguments", "measure", "run"]
 
@@ -159,8 +159,10 @@ def measure(
     def probes(n: int) -> None:  # what one Hessian refresh spends drawing its probe (Sassha._probes)
         for _ in range(n):
             refresh["i"] += 1
-            for index, p in enumerate(ref_params):
-                rademacher(probe_key(0, refresh["i"], index, 0), p.numel(), dtype=p.dtype, device=p.device)
+            ranges = [
+                (probe_key(0, refresh["i"], index, 0), p.numel(), 0) for index, p in enumerate(ref_params)
+            ]
+            rademacher_ranges(ranges, dtype=ref_params[0].dtype, device=ref_params[0].device)
 
     contestants.append(Contestant("fwd+bwd", fwd_bwd))
     if "exact" in methods:

@@ -95,7 +95,6 @@ from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 from sassha_dist.functional import sq_norm
 from sassha_dist.hessian.hvp import curvature_underflow, default_fd_step, finite_difference_step
-from sassha_dist.hessian.probes import probe_key, rademacher
 from sassha_dist.optimizer import (
     FD_CENTRAL,
     PROBES_GLOBAL,
@@ -851,20 +850,8 @@ class SasshaDeepSpeed:
     def _probes(self, flats: list[torch.Tensor], sample: int) -> list[torch.Tensor]:
         """Global probe ``sample`` on each partition, zero on ZeRO's padding."""
         opt = self.optimizer
-        refresh = opt.counters[keys.HESSIAN_REFRESHES]
-        probes = []
-        for index, flat in enumerate(flats):
-            z = torch.zeros(flat.numel(), dtype=flat.dtype, device=flat.device)
-            for seg in opt.strategy.probe_segments(flat, index):
-                z[seg.local_start : seg.local_start + seg.length] = rademacher(
-                    probe_key(opt.options.seed, refresh, seg.param_index, sample, 0),
-                    seg.length,
-                    offset=seg.element_offset,
-                    dtype=flat.dtype,
-                    device=flat.device,
-                )
-            probes.append(z)
-        return probes
+        segments = [opt.strategy.probe_segments(flat, index) for index, flat in enumerate(flats)]
+        return opt._probes_for(flats, segments, sample)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -20,9 +20,12 @@ relies on signed overflow, so CPU and CUDA agree bit for bit).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["probe_key", "rademacher"]
+__all__ = ["probe_key", "rademacher", "rademacher_ranges"]
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -34,6 +37,11 @@ _FMIX_C2 = 0xC2B2AE35
 # large launches.
 _CPU_CHUNK = 1 << 18
 _ACCELERATOR_CHUNK = 1 << 24
+# Short ranges are hashed together, up to this many elements per batch. Four int64 buffers of
+# the batch's size are live (32 bytes per entry: 2 MB on CPU, 32 MB on accelerators), against two
+# of a chunk's size for one long range.
+_CPU_BATCH = 1 << 16
+_ACCELERATOR_BATCH = 1 << 20
 
 
 def _splitmix64(x: int) -> int:
@@ -134,3 +142,67 @@ def rademacher(
         h.bitwise_right_shift_(31).mul_(-2).add_(1)  # top bit 0 -> +1, 1 -> -1
         out[start:stop].copy_(h)
     return out
+
+
+def rademacher_ranges(
+    ranges: Sequence[tuple[int, int, int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor]:
+    """``[rademacher(key, numel, offset=offset) for key, numel, offset in ranges]``, the same values.
+
+    Ranges shorter than a batch are hashed together, a few dozen launches for all of them instead
+    of a few dozen per range (a model's biases and norms, or a ZeRO partition's many segments);
+    the results are views into one buffer per batch. Longer ranges go through :func:`rademacher`.
+    """
+    out: list[torch.Tensor | None] = [None] * len(ranges)
+    cap = _CPU_BATCH if torch.device(device or "cpu").type == "cpu" else _ACCELERATOR_BATCH
+    batch: list[int] = []
+    size = 0
+    for i, (key, numel, offset) in enumerate(ranges):
+        if numel < 0 or offset < 0:
+            raise ValueError(f"Invalid probe range {numel=}, {offset=}. Both must be >= 0.")
+        crosses_word = numel and (offset >> 32) != ((offset + numel - 1) >> 32)
+        if numel > cap or crosses_word:
+            out[i] = rademacher(key, numel, offset=offset, dtype=dtype, device=device)
+            continue
+        if size + numel > cap:
+            _hash_batch(ranges, batch, out, dtype, device)
+            batch, size = [], 0
+        batch.append(i)
+        size += numel
+    _hash_batch(ranges, batch, out, dtype, device)
+    return out  # type: ignore[return-value]
+
+
+def _hash_batch(
+    ranges: Sequence[tuple[int, int, int]],
+    batch: list[int],
+    out: list[torch.Tensor | None],
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> None:
+    """Hash the ranges ``batch`` (none crossing a multiple of 2**32) in one pass over their concatenation."""
+    if not batch:
+        return
+    lengths = [ranges[i][1] for i in batch]
+    starts = list(itertools.accumulate([0, *lengths[:-1]]))
+    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
+
+    def per_entry(values: list[int]) -> torch.Tensor:
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.int64, device=device), counts)
+
+    total = sum(lengths)
+    # h: the full-parameter element index of each entry (offset + position in its range).
+    h = torch.arange(total, dtype=torch.int64, device=device)
+    h.add_(per_entry([ranges[i][2] - start for i, start in zip(batch, starts, strict=True)]))
+    high = per_entry([(ranges[i][2] >> 32) ^ (ranges[i][0] >> 32) for i in batch])
+    h.bitwise_and_(_MASK32).bitwise_xor_(per_entry([ranges[i][0] & _MASK32 for i in batch]))
+    scratch = torch.empty_like(h)
+    _fmix32_(h, scratch)
+    h.bitwise_xor_(high)
+    _fmix32_(h, scratch)
+    signs = h.bitwise_right_shift_(31).mul_(-2).add_(1).to(dtype)
+    for i, start, length in zip(batch, starts, lengths, strict=True):
+        out[i] = signs[start : start + length]
