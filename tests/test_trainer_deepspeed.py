@@ -299,23 +299,29 @@ def test_trainer_zero_matches_single_process_trainer(stage, runs, tmp_path):
             assert r["eval_losses"][-1] == pytest.approx(expected, rel=RTOL)  # fp32 rounding at most
 
 
+def _assert_weights_and_losses_match(trained: list[dict], ref: dict) -> None:
+    """Every rank's weights, and the main process's logged losses, against the single-process
+    Trainer ``ref`` (ATOL/RTOL: see the top of the module)."""
+    for run in trained:
+        for name, expected in ref["params"].items():
+            torch.testing.assert_close(run["params"][name], expected, rtol=RTOL, atol=ATOL, msg=name)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in trained[0]["logs"]]),
+        torch.tensor([h["loss"] for h in ref["logs"]]),
+        rtol=RTOL,
+        atol=0,
+    )
+
+
 def test_trainer_zero_window_cut_short(runs, tmp_path):
     """An epoch whose last accumulation window is cut short (1 micro-batch of 2): the Trainer scales
     that window's loss by 1, SasshaDeepSpeed(scale_wrt_gas=False) takes the single closure, and the
     run still matches the single-process Trainer (ATOL/RTOL: see the top of the module)."""
     ref = _reference(tmp_path, samples=SHORT_EPOCH, max_steps=-1, num_train_epochs=1)
     assert ref["counters"][keys.GLOBAL_STEP] == 3
-    for r in runs:
-        run = r["short window"]
-        assert run["counters"] == ref["counters"]
-        for name, expected in ref["params"].items():
-            torch.testing.assert_close(run["params"][name], expected, rtol=RTOL, atol=ATOL, msg=name)
-    torch.testing.assert_close(
-        torch.tensor([h["loss"] for h in runs[0]["short window"]["logs"]]),
-        torch.tensor([h["loss"] for h in ref["logs"]]),
-        rtol=RTOL,
-        atol=0,
-    )
+    trained = [r["short window"] for r in runs]
+    assert all(run["counters"] == ref["counters"] for run in trained)
+    _assert_weights_and_losses_match(trained, ref)
 
 
 def test_deepspeed_scheduler_steps_once_per_step(runs):
@@ -501,18 +507,9 @@ def test_accelerate_deepspeed_plugin(tmp_path):
     _assert_run_matches(loops, ref_params, ref_losses, atol=LOOP_ATOL, rtol=LOOP_RTOL, loss_rtol=LOOP_RTOL)
 
     ref = _reference(tmp_path, max_grad_norm=NO_CLIP)
-    for r in ranks:
-        trained = r["trainer"]
-        assert (trained["engine"], trained["optimizer"]) == ("DeepSpeedEngine", "ZeroSassha")
-        for name, expected in ref["params"].items():
-            # ATOL/RTOL (top of the module): the same comparison as the --deepspeed runs'.
-            torch.testing.assert_close(trained["params"][name], expected, rtol=RTOL, atol=ATOL, msg=name)
-    torch.testing.assert_close(
-        torch.tensor([h["loss"] for h in ranks[0]["trainer"]["logs"]]),
-        torch.tensor([h["loss"] for h in ref["logs"]]),
-        rtol=RTOL,
-        atol=0,
-    )
+    trained = [r["trainer"] for r in ranks]
+    assert all((run["engine"], run["optimizer"]) == ("DeepSpeedEngine", "ZeroSassha") for run in trained)
+    _assert_weights_and_losses_match(trained, ref)  # the same comparison as the --deepspeed runs'
 
 
 # ------------------------------------------------------------------------------------ refused at start-up
