@@ -353,38 +353,48 @@ class Sassha(Optimizer):
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "rho": rho, "eps": eps}
         _validate_group(defaults)
         super().__init__(params, defaults)
-        self.strategy = strategy if strategy is not None else resolve_strategy(self._all_params())
-        if options.hessian_method == HESSIAN_EXACT and not self.strategy.supports_exact_hessian:
+        self.options = options
+        self.use_strategy(strategy if strategy is not None else resolve_strategy(self._all_params()))
+        self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
+        self.last_report = StepReport()
+        self._pending: _PendingStep | None = None
+
+    def use_strategy(self, strategy: Strategy) -> None:
+        """Run on ``strategy``: check the options against it and resolve the ``"auto"`` choices.
+
+        Called at construction; call it again if an engine replaced the parameters with another
+        kind after construction (before any state exists), as FSDP2's ``prepare`` does.
+        """
+        options = self.options
+        if options.hessian_method == HESSIAN_EXACT and not strategy.supports_exact_hessian:
             raise ValueError(
-                f"Invalid hessian_method='exact' under {type(self.strategy).__name__}: this engine does not "
+                f"Invalid hessian_method='exact' under {type(strategy).__name__}: this engine does not "
                 "allow double backward here. Use hessian_method='finite_difference' (or 'auto'); under "
                 "FSDP2, exact Hessians need strategy=FullyShard(model.parameters(), module=model)."
             )
-        if options.local_perturbation and not self.strategy.supports_local_gradients:
+        if options.local_perturbation and not strategy.supports_local_gradients:
             raise ValueError(
-                f"Invalid local_perturbation=True under {type(self.strategy).__name__}: it needs every rank "
+                f"Invalid local_perturbation=True under {type(strategy).__name__}: it needs every rank "
                 "to hold whole parameters (DDP or a single device). Use local_perturbation=False."
             )
-        self.options = options
-        self.hessian_method = (
+        hessian_method = (
             options.hessian_method
             if options.hessian_method != HESSIAN_AUTO
-            else (HESSIAN_EXACT if self.strategy.prefers_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
+            else (HESSIAN_EXACT if strategy.prefers_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
         )
-        if options.local_perturbation and self.hessian_method != HESSIAN_EXACT:
+        if options.local_perturbation and hessian_method != HESSIAN_EXACT:
             # Ranks perturbed to different points would pick different finite-difference steps.
             raise ValueError(
                 "Invalid local_perturbation=True with hessian_method='finite_difference': local "
                 "perturbation needs hessian_method='exact' (as in the authors' code)."
             )
+        self.strategy = strategy
+        self.hessian_method = hessian_method
         self.probe_mode = (
             options.probe_mode
             if options.probe_mode != PROBES_AUTO
-            else (PROBES_PER_RANK if self.hessian_method == HESSIAN_EXACT else PROBES_GLOBAL)
+            else (PROBES_PER_RANK if hessian_method == HESSIAN_EXACT else PROBES_GLOBAL)
         )
-        self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
-        self.last_report = StepReport()
-        self._pending: _PendingStep | None = None
 
     @classmethod
     def authors(cls, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **overrides: Any) -> Sassha:

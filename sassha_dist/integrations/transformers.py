@@ -177,6 +177,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from sassha_dist import state_keys as keys
+from sassha_dist.distributed.strategy import resolve_strategy
 from sassha_dist.optimizer import Sassha, StepReport
 
 __all__ = [
@@ -385,13 +386,9 @@ class TrainerSassha(Sassha):
                 "for the unsharded ones. Create the optimizer before accelerate's prepare and do not step "
                 "it before."
             )
-        options = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
-        # A throwaway Sassha over the new parameters resolves the strategy and the "auto" choices
-        # (and rejects what the new engine cannot do) exactly as construction does.
-        resolved = Sassha(params, **options)
-        self.strategy = resolved.strategy
-        self.hessian_method = resolved.hessian_method
-        self.probe_mode = resolved.probe_mode
+        # Resolve the strategy and the "auto" choices (and reject what the new engine cannot do)
+        # exactly as construction does.
+        self.use_strategy(resolve_strategy(params))
 
     def gradient_pass(self, closure: Any) -> torch.Tensor:
         self._follow_engine()
