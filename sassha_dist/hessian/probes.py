@@ -95,6 +95,22 @@ def _fmix32_(x: torch.Tensor, scratch: torch.Tensor) -> None:
     _xor_shift_(x, 16, scratch)
 
 
+def _signs_(
+    h: torch.Tensor, low_key: int | torch.Tensor, high_word: int | torch.Tensor, scratch: torch.Tensor
+) -> None:
+    """In place: element indices ``h`` to their probe values, +1 or -1 (as int64).
+
+    ``h = fmix32(fmix32(lo(h) ^ low_key) ^ high_word)``, then its top bit: 0 -> +1, 1 -> -1.
+    ``low_key`` is the key's low word and ``high_word`` the index's high word xor the key's
+    (per entry, or one integer for all).
+    """
+    h.bitwise_and_(_MASK32).bitwise_xor_(low_key)
+    _fmix32_(h, scratch)
+    h.bitwise_xor_(high_word)
+    _fmix32_(h, scratch)
+    h.bitwise_right_shift_(31).mul_(-2).add_(1)
+
+
 def _chunks(offset: int, numel: int, chunk: int):
     """``(start, stop)`` ranges of at most ``chunk`` entries that never cross a multiple of 2**32
     in the full index ``offset + i``, so the index's high word is one integer per range."""
@@ -135,11 +151,7 @@ def rademacher(
         first, size = offset + start, stop - start
         h, s = hashed[:size], scratch[:size]
         torch.arange(first, first + size, dtype=torch.int64, device=out.device, out=h)
-        h.bitwise_and_(_MASK32).bitwise_xor_(key_low)
-        _fmix32_(h, s)
-        h.bitwise_xor_((first >> 32) ^ key_high)
-        _fmix32_(h, s)
-        h.bitwise_right_shift_(31).mul_(-2).add_(1)  # top bit 0 -> +1, 1 -> -1
+        _signs_(h, key_low, (first >> 32) ^ key_high, s)
         out[start:stop].copy_(h)
     return out
 
@@ -197,12 +209,9 @@ def _hash_batch(
     # h: the full-parameter element index of each entry (offset + position in its range).
     h = torch.arange(total, dtype=torch.int64, device=device)
     h.add_(per_entry([ranges[i][2] - start for i, start in zip(batch, starts, strict=True)]))
-    high = per_entry([(ranges[i][2] >> 32) ^ (ranges[i][0] >> 32) for i in batch])
-    h.bitwise_and_(_MASK32).bitwise_xor_(per_entry([ranges[i][0] & _MASK32 for i in batch]))
-    scratch = torch.empty_like(h)
-    _fmix32_(h, scratch)
-    h.bitwise_xor_(high)
-    _fmix32_(h, scratch)
-    signs = h.bitwise_right_shift_(31).mul_(-2).add_(1).to(dtype)
+    low_key = per_entry([ranges[i][0] & _MASK32 for i in batch])
+    high_word = per_entry([(ranges[i][2] >> 32) ^ (ranges[i][0] >> 32) for i in batch])
+    _signs_(h, low_key, high_word, torch.empty_like(h))
+    signs = h.to(dtype)
     for i, start, length in zip(batch, starts, lengths, strict=True):
         out[i] = signs[start : start + length]
