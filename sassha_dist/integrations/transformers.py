@@ -562,14 +562,16 @@ class SasshaTrainer(Trainer):
             self.optimizer_cls_and_kwargs
         )
 
-    def _requested_sassha_options(self) -> dict[str, Any]:
-        """SASSHA's keywords as requested, by whichever route chose it (optim_args, cls/kwargs, instance)."""
+    def _requested_sassha_options(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """SASSHA's keywords as requested: the options of an optimizer already built, else those of
+        ``optimizer_cls_and_kwargs``, else those of ``--optim sassha`` (lr, betas and optim_args)."""
         optimizer = self._sassha()
         if optimizer is not None:
             return {f.name: getattr(optimizer.options, f.name) for f in fields(optimizer.options)}
-        if _is_sassha_cls(self.optimizer_cls_and_kwargs):
-            return dict(self.optimizer_cls_and_kwargs[1])
-        return parse_sassha_optim_args(self.args.optim_args)
+        _, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, model if model is not None else self.model
+        )
+        return dict(kwargs)
 
     def _check_engine(self) -> None:
         """Refuse, at start-up, engines (also those chosen by an accelerate config) that break the step."""
@@ -626,8 +628,7 @@ class SasshaTrainer(Trainer):
             # a ZeroSassha (SASSHA on ZeRO's flat partitions) built from the same keywords.
             from sassha_dist.distributed.deepspeed import ZeroSassha
 
-            _, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer_cls_and_kwargs = (ZeroSassha, kwargs)
+            self.optimizer_cls_and_kwargs = (ZeroSassha, self._requested_sassha_options(model))
         return super().create_optimizer(model)
 
     def _sassha(self) -> Sassha | None:
@@ -647,8 +648,9 @@ class SasshaTrainer(Trainer):
         """
         from sassha_dist.distributed.deepspeed import ZeroSassha
 
-        _, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        ZeroSassha([p for p in self.model.parameters() if p.requires_grad], **kwargs)
+        ZeroSassha(
+            [p for p in self.model.parameters() if p.requires_grad], **self._requested_sassha_options()
+        )
 
     def _sassha_deepspeed(self) -> Any:
         """The :class:`~sassha_dist.distributed.deepspeed.SasshaDeepSpeed` driving the current engine."""
