@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
+
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -31,12 +32,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
     )
     env.pop("ACCELERATE_USE_CPU", None)  # the configs and the script must manage on their own
     return env
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(
@@ -85,8 +80,9 @@ def test_main_job_under_deepspeed_zero2_bf16(tmp_path):
     out = tmp_path / "clm"
     result = _run(
         [
-            *ACCELERATE, "--config_file", "launch/accelerate/deepspeed_zero2.yaml", "--main_process_port",
-            _free_port(), "integrations/run_clm.py", "--optim", "sassha", "--bf16", "--output_dir", str(out),
+            *ACCELERATE, "--config_file", "launch/accelerate/deepspeed_zero2.yaml",
+            "--main_process_port", str(free_port()),
+            "integrations/run_clm.py", "--optim", "sassha", "--bf16", "--output_dir", str(out),
             "--max_steps", "30", "--eval_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true",
         ],
         tmp_path,
@@ -160,7 +156,7 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
             "--config_file",
             "launch/accelerate/cpu_ddp.yaml",
             "--main_process_port",
-            _free_port(),
+            str(free_port()),
             str(script),
             str(ddp),
             "2",

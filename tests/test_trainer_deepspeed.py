@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -40,7 +39,7 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from sassha_dist import state_keys as keys  # noqa: E402
 from sassha_dist.integrations.transformers import SasshaTrainer, SasshaTrainingArguments  # noqa: E402
-from tests.distributed import run_ranks  # noqa: E402
+from tests.distributed import free_port, run_ranks  # noqa: E402
 from tests.helpers import trainer_arguments  # noqa: E402
 
 WORLD, BATCH, ACCUM = 2, 3, 2
@@ -459,12 +458,6 @@ _ACCELERATE_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_accelerate_deepspeed_plugin(tmp_path):
     """``accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml`` (fp32, accumulation 2,
     clipping out of reach: set on the command line) runs (1) a custom loop on accelerate's prepared
@@ -484,7 +477,7 @@ def test_accelerate_deepspeed_plugin(tmp_path):
     env.pop("ACCELERATE_USE_CPU", None)
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "launch/accelerate/deepspeed_zero2.yaml", "--main_process_port", _free_port(),
+        "--config_file", "launch/accelerate/deepspeed_zero2.yaml", "--main_process_port", str(free_port()),
         "--mixed_precision", "no", "--gradient_accumulation_steps", str(ACCUM),
         "--gradient_clipping", str(NO_CLIP),
         str(script), str(tmp_path),
