@@ -371,14 +371,12 @@ class TrainerSassha(Sassha):
 
     def _follow_engine(self) -> None:
         """Detect the strategy again if an engine swapped the parameters for DTensors after construction."""
-        if not getattr(self, "_strategy_detected", False):
-            return
-        params = self._all_params()
-        if not params or not all(isinstance(p, DTensor) for p in params):
-            return
         from sassha_dist.distributed.fully_shard import FullyShard
 
-        if isinstance(self.strategy, FullyShard):
+        if not getattr(self, "_strategy_detected", False) or isinstance(self.strategy, FullyShard):
+            return  # chosen by the user, or already following FSDP2: nothing to check on this step
+        params = self._all_params()
+        if not params or not all(isinstance(p, DTensor) for p in params):
             return
         if self.state:
             raise RuntimeError(
