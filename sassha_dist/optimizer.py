@@ -612,6 +612,15 @@ class Sassha(Optimizer):
         forward: :math:`z \odot (g(w+hz) - \tilde g) / h`, one pass per probe.
         :math:`h = h_0 \lVert w\rVert / \lVert z\rVert`, one scalar for the whole model.
         A no-op on other steps and with ``hessian_method="exact"``.
+
+        Memory, besides the saved :math:`\theta` and the set-aside :math:`\tilde g`: one
+        gradient-sized buffer, in which the difference forms and becomes the estimate in place,
+        and the probe as int8 signs. With full-precision parameters :math:`w` is not copied: the
+        passes move the parameters by :math:`+hz, -2hz, +hz`, so :math:`w - hz` and the final
+        :math:`w` carry rounding of about one ulp of :math:`w`; and the second pass accumulates
+        onto the negated first gradient, so the difference forms in the gradient buffer itself.
+        Low-precision parameters, whose ulp is not small next to :math:`hz`, keep an exact copy
+        of :math:`w` and take each gradient in the state dtype.
         """
         pending = self._require_pending("hessian_pass")
         if not (pending.hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE):
@@ -620,9 +629,8 @@ class Sassha(Optimizer):
         params, local_params = pending.params, pending.locals
         saved_grads = [p.grad for p in params]
         perturbed_grads = self._take_grads(params, local_params)
-        point = [p.detach().clone() for p in local_params]
         # ||w||^2 and the number of probe elements, summed over shards in one collective.
-        local_sq_norm = sq_norm(point, foreach=self.options.foreach)
+        local_sq_norm = sq_norm(local_params, foreach=self.options.foreach)
         local_count = torch.tensor(float(sum(p.numel() for p in local_params)), device=local_sq_norm.device)
         totals = self.strategy.sum_scalar(torch.stack([local_sq_norm, local_count.to(local_sq_norm.dtype)]))
         point_sq_norm, num_elements = totals.tolist()
@@ -633,17 +641,23 @@ class Sassha(Optimizer):
         h = finite_difference_step(fd_step, point_norm, num_elements)
         central = self.options.fd_scheme == FD_CENTRAL
         weight = 1.0 / ((2.0 * h if central else h) * self.options.n_samples)
-        estimates = [torch.zeros_like(p, dtype=state_dtype(p.dtype)) for p in local_params]
+        low_precision = any(state_dtype(p.dtype) != p.dtype for p in local_params)
+        point = [p.detach().clone() for p in local_params] if low_precision else None
+        estimates: list[torch.Tensor] = []
         for sample in range(self.options.n_samples):
-            probes = self._probes(pending, sample)
-            difference = self._gradient_at(pending, point, probes, h, closures)
+            signs = self._probes(pending, sample, dtype=torch.int8)
             if central:
-                torch._foreach_sub_(difference, self._gradient_at(pending, point, probes, -h, closures))
+                difference, scale = self._central_difference(pending, point, signs, h, closures)
             else:
-                torch._foreach_sub_(difference, [g.to(d.dtype) for g, d in zip(perturbed_grads, difference)])
-            for est, z, diff in zip(estimates, probes, difference, strict=True):
-                est.addcmul_(z.to(est.dtype), diff, value=weight)
-        torch._foreach_copy_(local_params, point)
+                difference = self._forward_difference(pending, point, signs, h, perturbed_grads, closures)
+                scale = 1.0
+            if estimates:
+                for est, z, diff in zip(estimates, signs, difference, strict=True):
+                    est.addcmul_(z, diff, value=scale * weight)
+            else:  # z is +-1: (diff * z) * w equals addcmul's exact w * z * diff
+                estimates = difference
+                torch._foreach_mul_(estimates, signs)
+                torch._foreach_mul_(estimates, scale * weight)
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
         pending.estimates = estimates
@@ -660,6 +674,7 @@ class Sassha(Optimizer):
         self._opt_called = True
         if pending.params:
             torch._foreach_copy_(pending.locals, pending.theta)
+            pending.theta = []  # free the copy before the update kernel's temporaries
         report = pending.report
         self.last_report = report
         bad = self._first_nonfinite(pending.checks)
@@ -694,6 +709,8 @@ class Sassha(Optimizer):
                 [self.param_groups[g]["betas"][1] for g in pending.group_indices],
                 foreach=self.options.foreach,
             )
+            del estimates
+            pending.estimates = None  # folded into D: free them before the update kernel
             self.warn_on_underflow(report)
             for p in params:
                 self.state[p][keys.HESSIAN_UPDATES] += 1
@@ -825,12 +842,11 @@ class Sassha(Optimizer):
                 for sample, probes in enumerate(probe_sets):
                     products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
                     with torch.no_grad():
-                        if not estimates:  # z is +-1: (z * hv) * (1/S) equals addcmul's (1/S * z) * hv
-                            dtypes = [state_dtype(hv.dtype) for hv in products]
-                            estimates = [
-                                (z.to(dtype) * hv.to(dtype)).mul_(1.0 / samples)
-                                for z, hv, dtype in zip(probes, products, dtypes, strict=True)
-                            ]
+                        if not estimates:  # z is +-1: (hv * z) * (1/S) equals addcmul's (1/S * z) * hv
+                            # in the products' own fresh buffers where they are in the state dtype
+                            estimates = [hv.to(state_dtype(hv.dtype)) for hv in products]
+                            torch._foreach_mul_(estimates, [z.to(e.dtype) for z, e in zip(probes, estimates)])
+                            torch._foreach_mul_(estimates, 1.0 / samples)
                             continue
                         for est, z, hv in zip(estimates, probes, products, strict=True):
                             est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / samples)
@@ -850,9 +866,15 @@ class Sassha(Optimizer):
         return self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
 
     def _probes_for(
-        self, likes: Sequence[torch.Tensor], segment_lists: Sequence[list[ProbeSegment]], sample: int
+        self,
+        likes: Sequence[torch.Tensor],
+        segment_lists: Sequence[list[ProbeSegment]],
+        sample: int,
+        dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
         """Probe ``sample`` for each tensor of ``likes``, filled from its segments (zero elsewhere).
+
+        In ``dtype`` (default: each tensor's own); ``torch.int8`` signs take a quarter of fp32's memory.
 
         All segments are drawn in one batched hash per (dtype, device); a tensor that is one
         whole segment gets a view of the drawn values, without a copy.
@@ -864,33 +886,36 @@ class Sassha(Optimizer):
         ]
         by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, (like, _) in enumerate(requests):
-            by_kind.setdefault((like.dtype, like.device), []).append(i)
+            by_kind.setdefault((dtype or like.dtype, like.device), []).append(i)
         drawn: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for (dtype, device), members in by_kind.items():
+        for (kind_dtype, device), members in by_kind.items():
             ranges = [
                 (probe_key(seed, refresh, seg.param_index, sample, rank), seg.length, seg.element_offset)
                 for seg in (requests[i][1] for i in members)
             ]
-            for i, z in zip(members, rademacher_ranges(ranges, dtype=dtype, device=device), strict=True):
+            drawn_kind = rademacher_ranges(ranges, dtype=kind_dtype, device=device)
+            for i, z in zip(members, drawn_kind, strict=True):
                 drawn[i] = z
         probes, pieces = [], iter(drawn)
         for like, segments in zip(likes, segment_lists, strict=True):
             if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
                 probes.append(next(pieces).view_as(like))
                 continue
-            z = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+            z = torch.zeros(like.numel(), dtype=dtype or like.dtype, device=like.device)
             for seg in segments:
                 z[seg.local_start : seg.local_start + seg.length] = next(pieces)
             probes.append(z.view_as(like))
         return probes
 
-    def _probes(self, pending: _PendingStep, sample: int) -> list[torch.Tensor]:
+    def _probes(
+        self, pending: _PendingStep, sample: int, dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
         """Probe ``sample`` for each local shard, from the elements of the full parameters it holds."""
         segments = [
             self.strategy.probe_segments(p, index)
             for p, index in zip(pending.params, pending.probe_indices, strict=True)
         ]
-        return self._probes_for(pending.locals, segments, sample)
+        return self._probes_for(pending.locals, segments, sample, dtype)
 
     def _whole_probes(
         self, tensors: list[torch.Tensor], indices: list[int], sample: int
@@ -899,20 +924,75 @@ class Sassha(Optimizer):
         segments = [[ProbeSegment(0, t.numel(), index, 0)] for t, index in zip(tensors, indices, strict=True)]
         return self._probes_for(tensors, segments, sample)
 
-    def _gradient_at(
+    def _central_difference(
         self,
         pending: _PendingStep,
-        point: list[torch.Tensor],
-        probes: list[torch.Tensor],
+        point: list[torch.Tensor] | None,
+        signs: list[torch.Tensor],
         h: float,
         closures: list[Closure],
+    ) -> tuple[list[torch.Tensor], float]:
+        """``(d, s)`` with ``s * d = g(w + hz) - g(w - hz)`` in the state dtype, in buffers the step owns.
+
+        Leaves the parameters at ``w``: copied from ``point``, or without one (full precision)
+        moved back by ``+hz``. Without ``point`` the second pass accumulates onto the negated
+        first gradient, so ``d = g(w - hz) - g(w + hz)`` and ``s = -1``.
+        """
+        locals_ = pending.locals
+        self._move_to(pending, point, signs, h)
+        self._accumulate_gradients(pending, closures)
+        if point is None:
+            torch._foreach_neg_([self.strategy.local(p.grad) for p in pending.params if p.grad is not None])
+            torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
+            self._accumulate_gradients(pending, closures)
+            torch._foreach_add_(locals_, signs, alpha=h)
+            return self._take_grads(pending.params, locals_), -1.0
+        difference = self._take_state_grads(pending)
+        self._move_to(pending, point, signs, -h)
+        self._accumulate_gradients(pending, closures)
+        torch._foreach_sub_(difference, self._take_state_grads(pending))
+        torch._foreach_copy_(locals_, point)
+        return difference, 1.0
+
+    def _forward_difference(
+        self,
+        pending: _PendingStep,
+        point: list[torch.Tensor] | None,
+        signs: list[torch.Tensor],
+        h: float,
+        perturbed_grads: list[torch.Tensor],
+        closures: list[Closure],
     ) -> list[torch.Tensor]:
-        """The local gradient at ``point + h * probes`` (set exactly from ``point``), in the state dtype."""
-        torch._foreach_copy_(pending.locals, point)
-        torch._foreach_add_(pending.locals, probes, alpha=h)
+        """``g(w + hz) - g(w)`` in the state dtype, in buffers the step owns; parameters back at ``w``."""
+        self._move_to(pending, point, signs, h)
+        self._accumulate_gradients(pending, closures)
+        difference = self._take_state_grads(pending)
+        perturbed = [g.to(d.dtype) for g, d in zip(perturbed_grads, difference, strict=True)]
+        torch._foreach_sub_(difference, perturbed)
+        if point is None:
+            torch._foreach_add_(pending.locals, signs, alpha=-h)
+        else:
+            torch._foreach_copy_(pending.locals, point)
+        return difference
+
+    @staticmethod
+    def _move_to(
+        pending: _PendingStep, point: list[torch.Tensor] | None, signs: list[torch.Tensor], h: float
+    ) -> None:
+        """Parameters to ``w + h z``: set exactly from ``point``, or moved from ``w`` without one."""
+        if point is not None:
+            torch._foreach_copy_(pending.locals, point)
+        torch._foreach_add_(pending.locals, signs, alpha=h)
+
+    def _accumulate_gradients(self, pending: _PendingStep, closures: list[Closure]) -> None:
+        """Backward passes of all closures at the current parameters, accumulating into ``p.grad``."""
         with torch.enable_grad():
             self._backward_all(closures, pending.params)
-        return [g.to(state_dtype(g.dtype)) for g in self._take_grads(pending.params, pending.locals)]
+
+    def _take_state_grads(self, pending: _PendingStep) -> list[torch.Tensor]:
+        """The local gradients in the state dtype, leaving ``p.grad = None``."""
+        grads = self._take_grads(pending.params, pending.locals)
+        return [g.to(state_dtype(g.dtype)) for g in grads]
 
     def _take_grads(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``."""

@@ -31,6 +31,9 @@ above equals ``(1/S) Σ_s z_s ⊙ (mean_r H_r z_s)`` exactly because ``z ⊙ z =
 
     central: H z ≈ (∇f_r(w + h z) - ∇f_r(w - h z)) / 2h      forward: H z ≈ (∇f_r(w + h z) - ∇f_r(w)) / h
 
+where ``w - h z`` is computed as ``(w + h z) - 2h z``, the way full-precision ``Sassha`` reaches
+it without a copy of ``w`` (it differs from ``w - h z`` by at most one rounding).
+
 If any loss, ``g_r``, ``gt_r`` or ``Ht`` is non-finite the step is skipped: parameters are
 restored to exactly ``θ_t``, state and counters are unchanged and ``skipped_steps`` grows by one.
 State (``m``, ``D``) and all arithmetic use the parameter dtype promoted to at least float32.
@@ -188,9 +191,11 @@ class ReferenceSassha:
         w_norm = math.sqrt(sum(float((x**2).sum()) for x in w))
         z_norm = math.sqrt(sum(zi.numel() for zi in z))  # ‖z‖ of a Rademacher vector
         h = self.config.fd_step * w_norm / z_norm if w_norm > 0 else self.config.fd_step
-        _, grad_plus = self._loss_and_grad(loss_fn, _axpy(w, h, z), batch)
+        plus = _axpy(w, h, z)
+        _, grad_plus = self._loss_and_grad(loss_fn, plus, batch)
         if self.config.fd_scheme == "central":
-            _, grad_minus = self._loss_and_grad(loss_fn, _axpy(w, -h, z), batch)
+            # w - hz reached from w + hz, as Sassha steps without a copy of w (one rounding apart)
+            _, grad_minus = self._loss_and_grad(loss_fn, _axpy(plus, -2 * h, z), batch)
             return [(gp - gm) / (2 * h) for gp, gm in zip(grad_plus, grad_minus)]
         return [(gp - g0) / h for gp, g0 in zip(grad_plus, grad_w)]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -118,7 +119,7 @@ def main() -> None:
 
     for step in range(start + 1, args.steps + 1):
         x, y = local_batch(step, rank, world)
-        optimizer.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        optimizer.step(lambda x=x, y=y, model=model: nn.functional.mse_loss(model(x), y))
         if doomed and step == args.kill_at and not args.kill_in_save:
             die()
         if step % args.save_every == 0:
@@ -137,6 +138,10 @@ def main() -> None:
         torch.save(
             {"params": full["model"], "counters": full["optimizer"]["sassha_counters"]}, args.final_out
         )
+    # Free the sharded model and optimizer before the process group: torn down the other way round,
+    # a rank sometimes aborted at exit ("terminate called without an active exception").
+    del model, optimizer, full
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -140,3 +140,31 @@ def test_ddp_local_perturbation_skips_the_first_reduction():
     for result in results:
         for refreshed, reducer, python in result["calls"]:
             assert (reducer, python) == ((0, 3) if refreshed else (1, 1))
+
+
+def _exact_tensors(rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s copies: two tensors above the bucket cap (all-reduced in place), small ones
+    (bucketed), a second dtype (its own buckets) and a large non-contiguous view (bucketed)."""
+    gen = torch.Generator().manual_seed(rank)
+    shapes = [(300, 300), (7,), (40_000,), (5, 3), (2, 2)]
+    tensors = [torch.randn(s, generator=gen) for s in shapes]
+    tensors.append(torch.randn(50_000, generator=gen, dtype=torch.float64))
+    tensors.append(torch.randn(300, 400, generator=gen).t())
+    return tensors
+
+
+def _reduce_exact_run(rank: int, world: int) -> list[torch.Tensor]:
+    tensors = _exact_tensors(rank)
+    reduced = DataParallel().reduce_exact([], tensors)
+    assert all(r is t for r, t in zip(reduced, tensors, strict=True))  # in place
+    return tensors
+
+
+def test_reduce_exact_averages_in_bounded_buckets():
+    """Exact-Hessian tensors are averaged in place, large ones without a flat copy. With 2 ranks the
+    sum of two values is exact-rounded and commutative, so the result equals (t0 + t1) / 2 bit for bit."""
+    results = run_ranks(_reduce_exact_run, WORLD)
+    expected = [(a + b) / 2 for a, b in zip(_exact_tensors(0), _exact_tensors(1), strict=True)]
+    for result in results:
+        for got, want in zip(result, expected, strict=True):
+            assert torch.equal(got, want)

@@ -282,3 +282,33 @@ def test_curvature_underflow_counts_only_moving_coordinates():
     gradients = [torch.tensor([0.5, 0.0, 0.5, -1e-30]), torch.zeros(0)]
     # coordinates 0 and 3 moved (nonzero gradient) with a zero estimate; 1 did not move
     assert float(curvature_underflow(estimates, gradients)) == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_difference_pass_returns_to_w_and_the_perturbed_gradient(dtype):
+    """After hessian_pass the parameters are back at w = theta + eps and p.grad is the perturbed
+    gradient (the same tensors). Full precision moves w by +hz, -2hz, +hz without a copy, so w comes
+    back within three roundings of |w| + 2h; low precision, whose rounding is not small next to hz,
+    keeps an exact copy of w."""
+    model = make_mlp((4, 16, 1), dtype=dtype)
+    batch = make_batches(1, in_dim=4, dtype=dtype)[0]
+    opt = Sassha(
+        model.parameters(), lr=0.1, lazy_hessian=1, hessian_method="finite_difference", fd_step=2.5e-2
+    )
+    closure = lambda: mse(model, batch)  # noqa: E731
+    opt.perturb(opt.gradient_pass(closure))
+    opt.perturbed_pass(closure)
+    params = list(model.parameters())
+    point = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    opt.hessian_pass(closure)
+    assert all(p.grad is g for p, g in zip(params, grads, strict=True))
+    if dtype == torch.bfloat16:
+        assert all(torch.equal(p, w) for p, w in zip(params, point, strict=True))
+    else:
+        norm = math.sqrt(sum(float((w.double() ** 2).sum()) for w in point))
+        h = finite_difference_step(2.5e-2, norm, sum(p.numel() for p in params))
+        eps = torch.finfo(dtype).eps
+        for p, w in zip(params, point, strict=True):
+            assert bool(((p - w).abs() <= 3 * eps * (w.abs() + 2 * h)).all())
+    opt.update()

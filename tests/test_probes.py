@@ -21,8 +21,9 @@ FIVE_SIGMA = 5.0 / math.sqrt(N)
 def _python_probe(key: int, index: int) -> float:
     """The documented hash in exact Python integer arithmetic (an independent oracle for the int64 code).
 
-    Two rounds of the 32-bit MurmurHash3 finaliser: first on the low index word xor the low key word,
-    then on that xor the high index word xor the high key word; the sign is the top bit.
+    Two rounds of the 32-bit MurmurHash3 finaliser on the element's word ``index // 32``: first on the
+    low word of the word index xor the low key word, then on that xor its high word xor the high key
+    word; the sign is bit ``index % 32`` of the result.
     """
     mask32 = (1 << 32) - 1
 
@@ -33,9 +34,10 @@ def _python_probe(key: int, index: int) -> float:
         x = (x * 0xC2B2AE35) & mask32
         return x ^ (x >> 16)
 
-    h = fmix32((index & mask32) ^ (key & mask32))
-    h = fmix32(h ^ (index >> 32) ^ (key >> 32))
-    return 1.0 - 2.0 * (h >> 31)
+    word = index // 32
+    h = fmix32((word & mask32) ^ (key & mask32))
+    h = fmix32(h ^ (word >> 32) ^ (key >> 32))
+    return 1.0 - 2.0 * ((h >> (index % 32)) & 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -49,13 +51,18 @@ def test_values_are_plus_minus_one_and_balanced(dtype):
 def test_matches_exact_integer_hash_including_high_index_words():
     """The int64 tensor arithmetic equals the hash done in exact Python integers (no overflow reliance)."""
     key = probe_key(123, 4, 5, 6, 7)
-    for offset in (0, 1000, 2**31 - 3, 2**32 - 2, 2**40 + 17, 2**62):
-        got = rademacher(key, 5, offset=offset, dtype=torch.float64).tolist()
-        assert got == [_python_probe(key, offset + i) for i in range(5)], offset
+    # 70 elements: partial words at both ends and whole words between; 2**37 - 40 crosses the word
+    # index's 2**32 boundary, where its high word changes.
+    for offset in (0, 1000, 2**31 - 3, 2**32 - 2, 2**37 - 40, 2**40 + 17, 2**62):
+        got = rademacher(key, 70, offset=offset, dtype=torch.float64).tolist()
+        assert got == [_python_probe(key, offset + i) for i in range(70)], offset
+    assert rademacher(key, 3, offset=37, dtype=torch.float64).tolist() == [
+        _python_probe(key, i) for i in (37, 38, 39)
+    ]  # inside one word
 
 
 SHARD_KEY = probe_key(9, 2, 3, 1)
-FULL_NUMEL = (1 << 18) + 1000  # just past the 2**18-element CPU chunk
+FULL_NUMEL = (1 << 18) + 1000  # one 2**18-element CPU chunk and part of a second
 
 
 @functools.cache
@@ -70,7 +77,7 @@ def _full_probe() -> torch.Tensor:
 def test_shard_equals_slice_of_full_probe(offset, numel):
     """Global mode: a rank holding elements ``offset .. offset+numel`` draws exactly that slice.
 
-    The cases include an empty shard, uneven shards and shards crossing the 2**18 CPU chunk boundary.
+    The cases include an empty shard, uneven shards and shards crossing CPU chunk boundaries.
     """
     full = _full_probe()
     assert torch.equal(rademacher(SHARD_KEY, numel, offset=offset), full[offset : offset + numel])
@@ -86,9 +93,9 @@ def test_any_sharding_reassembles_the_full_probe():
 
 def test_shards_far_from_zero_are_consistent_and_do_not_wrap():
     key = probe_key(2, 1, 1, 0)
-    wide = rademacher(key, 64, offset=2**32 - 32)  # crosses the 2**32 boundary of the index's low word
-    assert torch.equal(rademacher(key, 16, offset=2**32 - 8), wide[24:40])
-    assert not torch.equal(rademacher(key, 64, offset=2**32), rademacher(key, 64, offset=0))
+    wide = rademacher(key, 128, offset=2**37 - 64)  # crosses the word index's 2**32 boundary
+    assert torch.equal(rademacher(key, 16, offset=2**37 - 8), wide[56:72])
+    assert not torch.equal(rademacher(key, 64, offset=2**37), rademacher(key, 64, offset=0))
 
 
 def test_rank_zero_is_the_global_probe():
@@ -169,10 +176,11 @@ def test_negative_seed_raises():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_ranges_equal_one_call_per_range(dtype):
     """rademacher_ranges hashes short ranges together (and long ones, or ones crossing a multiple
-    of 2**32 in the index, one by one): every range gets exactly rademacher's values."""
+    of 2**37 in the index, where the word index's high word changes, one by one): every range gets
+    exactly rademacher's values."""
     gen = torch.Generator().manual_seed(3)
     sizes = [0, 1, 7, 64, 1000, 70_000, (1 << 18) + 5]  # the last two: longer than a CPU batch
-    offsets = [0, 3, 2**31, 2**32 - 10, 2**32 + 5, 2**40]  # 2**32 - 10 with >10 entries crosses a word
+    offsets = [0, 3, 2**31, 2**37 - 10, 2**37 + 5, 2**40]  # 2**37 - 10, > 10 entries: crosses a high word
     ranges = []
     for _ in range(40):
         i = torch.randint(len(sizes), (), generator=gen)
@@ -181,3 +189,24 @@ def test_batched_ranges_equal_one_call_per_range(dtype):
         ranges.append((key, sizes[int(i)], offsets[int(j)]))
     for (key, numel, offset), got in zip(ranges, rademacher_ranges(ranges, dtype=dtype), strict=True):
         assert torch.equal(got, rademacher(key, numel, offset=offset, dtype=dtype)), (key, numel, offset)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_chunk_size_does_not_change_the_probe(chunk):
+    """The hash runs chunk by chunk (short ranges batch by batch); the chunk only bounds its scratch."""
+    key = probe_key(5, 2, 1, 0)
+    offset = 2**37 - 5000  # the range crosses the word index's 2**32 boundary
+    assert torch.equal(
+        rademacher(key, 10_007, offset=offset, chunk=chunk), rademacher(key, 10_007, offset=offset)
+    )
+    ranges = [(key, 3, 0), (key + 1, 5000, 17), (key + 2, 1, 2**32 - 1), (key + 3, 20_000, 9)]
+    for (k, numel, off), got in zip(ranges, rademacher_ranges(ranges, chunk=chunk), strict=True):
+        assert torch.equal(got, rademacher(k, numel, offset=off))
+
+
+def test_int8_signs_equal_the_float_probe():
+    """Sassha keeps finite-difference probes as int8 signs: the same values in a quarter of fp32's bytes."""
+    key = probe_key(0, 3, 2, 1)
+    signs = rademacher(key, 5000, dtype=torch.int8)
+    assert signs.dtype == torch.int8
+    assert torch.equal(signs.to(torch.float32), rademacher(key, 5000))

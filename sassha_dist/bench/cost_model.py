@@ -56,11 +56,14 @@ EXACT_HVP_COST = 2.0
 
 #: SASSHA's parameter-sized buffers beyond the engine's own gradient buffer,
 #: counted from ``sassha_dist/optimizer.py`` and confirmed by :func:`check`:
-#: every step: the exact copy of theta; exact-Hessian steps: theta, the estimate,
-#: the probe and the HVP products; central
-#: or forward finite-difference steps: theta, the perturbed point, the estimate,
-#: the probe, the perturbed gradient set aside and the first difference gradient.
-SASSHA_BUFFERS = {"step": 1, "exact": 4, "finite_difference": 6}
+#: every step: the exact copy of theta; exact-Hessian steps: theta, the probe and
+#: the HVP products (which become the estimate in place); central or forward
+#: finite-difference steps: theta, the perturbed gradient set aside, and the probe
+#: as int8 signs (a quarter) -- the difference forms in the gradient buffer and
+#: becomes the estimate in place. A second probe sample adds the estimate's own
+#: buffer. The engine's temporaries (a layer's gradient while it is accumulated,
+#: the update kernel's) come on top, bounded by :func:`check`'s kernel term.
+SASSHA_BUFFERS = {"step": 1, "exact": 3, "finite_difference": 2.25}
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,7 @@ def estimate(
             hessian_buffers = SASSHA_BUFFERS["exact"] + (n_samples - 1)  # one probe set per sample
         elif hessian == "finite_difference":
             hessian_passes = n_samples * (2.0 if fd_scheme == "central" else 1.0)
-            hessian_buffers = SASSHA_BUFFERS["finite_difference"]
+            hessian_buffers = SASSHA_BUFFERS["finite_difference"] + (n_samples > 1)  # a separate estimate
         else:
             raise ValueError(f"Invalid hessian={hessian!r}. Must be 'auto', 'exact' or 'finite_difference'.")
         passes = 2.0 + hessian_passes / k
@@ -496,6 +499,7 @@ def check(verbose: bool = True) -> dict[str, Any]:
     from torch import nn
 
     from sassha_dist import Sassha
+    from sassha_dist.bench.memory_comm import Recorder
     from sassha_dist.bench.models import build_lm, train_step
 
     out: dict[str, Any] = {}
@@ -555,13 +559,15 @@ def check(verbose: bool = True) -> dict[str, Any]:
     out["passes"] = passes
 
     # 3. transient buffers
-    torch.manual_seed(0)
-    mlp = nn.Sequential(
-        nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 1)
-    )
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 1)
+        )
+
     x, y = torch.randn(2, 1024), torch.randn(2, 1)
-    param_bytes = 4.0 * sum(p.numel() for p in mlp.parameters())
-    largest = 4.0 * max(p.numel() for p in mlp.parameters())
+    param_bytes = 4.0 * sum(p.numel() for p in mlp().parameters())
+    largest = 4.0 * max(p.numel() for p in mlp().parameters())
     transients = {}
     for label, make, hessian_step, buffers in (
         ("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-4), False, 0),
@@ -579,15 +585,18 @@ def check(verbose: bool = True) -> dict[str, Any]:
             SASSHA_BUFFERS["finite_difference"],
         ),
     ):
-        net = copy.deepcopy(mlp)
-        opt = make(net.parameters())
-        closure = lambda net=net: ((net(x) - y) ** 2).mean()  # noqa: E731
-        for _ in range(3):
-            train_step(opt, closure)  # state exists; the next step is a Hessian step iff 3 % 2 == 0: no
-        if hessian_step:
-            train_step(opt, closure)  # now step 4: a Hessian step
-        opt.zero_grad(set_to_none=True)
-        measured = _peak_above_start(lambda opt=opt, closure=closure: train_step(opt, closure))
+        with Recorder(world_size=1) as recorder:  # from before the model, so it sees every storage
+            net = mlp()
+            opt = make(net.parameters())
+            closure = lambda net=net: ((net(x) - y) ** 2).mean()  # noqa: E731
+            for _ in range(3):
+                train_step(opt, closure)  # state exists; the next step is a Hessian step iff 3 % 2 == 0: no
+            if hessian_step:
+                train_step(opt, closure)  # now step 4: a Hessian step
+            opt.zero_grad(set_to_none=True)
+            start = recorder.reset_peak()
+            train_step(opt, closure)
+            measured = recorder.peak - start
         transients[label] = {
             "measured": measured / param_bytes,
             "predicted": 1 + buffers,  # + the gradient buffer every step allocates

@@ -2,9 +2,11 @@
 
 * :func:`gpt2_config`: ``tiny`` (2 layers, ``n_embd`` 64, 2 heads, byte
   vocabulary of 258, ~125k parameters; the same shape as
-  ``sassha_dist.integrations.embedded.tiny_gpt2_config``) or ``gpt2-small``
-  (GPT-2 small's shape: 12 layers, ``n_embd`` 768, 50257 tokens, ~124M
-  parameters). Dropout is off in both, so every pass of a step sees the same
+  ``sassha_dist.integrations.embedded.tiny_gpt2_config``), ``small`` (4
+  layers, ``n_embd`` 256, 4 heads, the byte vocabulary, ~3.3M parameters: on a
+  CPU, tensors large enough that per-tensor overhead no longer dominates) or
+  ``gpt2-small`` (GPT-2 small's shape: 12 layers, ``n_embd`` 768, 50257 tokens,
+  ~124M parameters). Dropout is off in all, so every pass of a step sees the same
   function. Both are initialised from scratch. Attention is ``eager`` by
   default: exact Hessian-vector products need a double backward, which torch's
   fused SDPA kernels (flash, memory-efficient) do not implement.
@@ -35,7 +37,7 @@ __all__ = [
     "train_step",
 ]
 
-MODEL_SIZES = ("tiny", "gpt2-small")
+MODEL_SIZES = ("tiny", "small", "gpt2-small")
 OPTIMIZERS = ("adamw", "sam-adamw", "sassha")
 
 _NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -47,6 +49,9 @@ def gpt2_config(size: str = "tiny", **overrides: Any):
 
     if size == "tiny":
         settings = {"vocab_size": 258, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2}
+        settings.update(bos_token_id=256, eos_token_id=256)
+    elif size == "small":
+        settings = {"vocab_size": 258, "n_positions": 256, "n_embd": 256, "n_layer": 4, "n_head": 4}
         settings.update(bos_token_id=256, eos_token_id=256)
     elif size == "gpt2-small":
         settings = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}

@@ -51,7 +51,7 @@ __all__ = ["FLOOR_TOLERANCE", "add_arguments", "measure", "run"]
 FLOOR_TOLERANCE = 1.10
 
 _EXACT_REF, _FD_REF, _PROBE_REF = "exact HVP pass", "FD passes (central)", "probe generation"
-_DEFAULT_SHAPE = {"tiny": (8, 64), "gpt2-small": (8, 512)}
+_DEFAULT_SHAPE = {"tiny": (8, 64), "small": (8, 128), "gpt2-small": (8, 512)}
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,13 @@ def measure(
 
     refresh = {"i": 0}
 
-    def probes(n: int) -> None:  # what one Hessian refresh spends drawing its probe (Sassha._probes)
+    def probes(n: int) -> None:  # what a finite-difference refresh spends drawing its int8 probe
         for _ in range(n):
             refresh["i"] += 1
             ranges = [
                 (probe_key(0, refresh["i"], index, 0), p.numel(), 0) for index, p in enumerate(ref_params)
             ]
-            rademacher_ranges(ranges, dtype=ref_params[0].dtype, device=ref_params[0].device)
+            rademacher_ranges(ranges, dtype=torch.int8, device=ref_params[0].device)
 
     contestants.append(Contestant("fwd+bwd", fwd_bwd))
     if "exact" in methods:
@@ -292,8 +292,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="tiny", choices=MODEL_SIZES)
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: autocast, fp32 parameters")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (tiny and gpt2-small)")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 64 (tiny), 512 (gpt2-small)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (every model)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="default 64 (tiny), 128 (small), 512 (gpt2-small)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=None, help="default: the largest k")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 10], help="lazy Hessian intervals")

@@ -9,11 +9,12 @@
   perturbs with its own gradient and norm; that pass then needs no all-reduce.
 * Exact-Hessian steps: the perturbed pass uses ``torch.autograd.grad`` with
   ``create_graph=True``, for which DDP's hooks do not fire. Each rank then
-  holds its local perturbed gradient and its local ``z_r * (H_r z_r)``; one
-  coalesced all-reduce averages each. With per-rank probes this is a W-probe
-  Hutchinson estimate of the global Hessian diagonal for free.
+  holds its local perturbed gradient and its local ``z_r * (H_r z_r)``; bucketed
+  all-reduces average each (large tensors in place, small ones through flat
+  buckets of bounded size). With per-rank probes this is a W-probe Hutchinson
+  estimate of the global Hessian diagonal for free.
 
-Per step: two gradient all-reduces, plus one on Hessian steps, plus one
+Per step: two gradient all-reductions, plus one on Hessian steps, plus one
 scalar all-reduce that makes every rank take the same skip decision.
 """
 
@@ -28,6 +29,10 @@ import torch.distributed as dist
 from sassha_dist.distributed.strategy import Strategy
 
 __all__ = ["DataParallel"]
+
+# Bounds of one flat all-reduce bucket of exact-Hessian tensors (torch DDP's default cap is 25 MiB).
+_MAX_BUCKET_BYTES = 25 * 2**20
+_MIN_BUCKET_BYTES = 2**16
 
 
 class DataParallel(Strategy):
@@ -63,19 +68,42 @@ class DataParallel(Strategy):
     def reduce_exact(
         self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Average in place with one all-reduce per dtype over a flat copy of ``tensors``."""
+        """Average ``tensors`` over ranks, in place.
+
+        A tensor of at least a bucket's size is all-reduced in place; smaller ones go through flat
+        buckets. A bucket holds at most a quarter of the tensors' bytes (and at most DDP's default
+        25 MiB), so the copy it needs stays small next to the model.
+        """
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        cap = max(_MIN_BUCKET_BYTES, min(_MAX_BUCKET_BYTES, total // 4))
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        filled: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
         for t in tensors:
-            buckets[(t.device, t.dtype)].append(t)
+            nbytes = t.numel() * t.element_size()
+            if nbytes >= cap and t.is_contiguous():
+                self._average_(t)
+                continue
+            kind = (t.device, t.dtype)
+            if filled[kind] + nbytes > cap:
+                self._average_bucket(buckets.pop(kind))
+                filled[kind] = 0
+            buckets[kind].append(t)
+            filled[kind] += nbytes
         for bucket in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.world_size)
-            offset = 0
-            for t in bucket:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            self._average_bucket(bucket)
         return list(tensors)
+
+    def _average_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.group)
+        tensor.div_(self.world_size)
+
+    def _average_bucket(self, bucket: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        self._average_(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         # Parameters are replicated, not sharded: a local sum is already global.

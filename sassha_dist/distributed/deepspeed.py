@@ -372,20 +372,20 @@ class ZeroSassha(Sassha):
 # ------------------------------------------------------------------------------------ engine adapters
 
 
-def _real_mask(flat: torch.Tensor, segments: list[ProbeSegment]) -> torch.Tensor:
-    """True on a partition's elements that belong to a parameter, False on ZeRO's padding."""
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+def _padding_mask(flat: torch.Tensor, segments: list[ProbeSegment]) -> torch.Tensor:
+    """True on ZeRO's padding of a partition, False on the elements that belong to a parameter."""
+    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     for seg in segments:
-        mask[seg.local_start : seg.local_start + seg.length] = True
+        mask[seg.local_start : seg.local_start + seg.length] = False
     return mask
 
 
 @torch.no_grad()
-def _zero_padding(flats: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+def _zero_padding(flats: list[torch.Tensor], paddings: list[torch.Tensor]) -> None:
     """Zero the padding of the fp32 partitions once: SASSHA then keeps it at zero (zero gradient,
     zero probe), so norms over whole partitions are norms over the parameters."""
-    for flat, mask in zip(flats, masks, strict=True):
-        flat.masked_fill_(~mask, 0.0)
+    for flat, padding in zip(flats, paddings, strict=True):
+        flat.masked_fill_(padding, 0.0)
 
 
 class _Zero12:
@@ -412,8 +412,8 @@ class _Zero12:
                 if lo < hi:
                     segs.append(ProbeSegment(lo - start, hi - lo, strategy.ordinal(p), lo - offset))
             segments[id(flat)] = segs
-        self.masks = [_real_mask(flat, segments[id(flat)]) for flat in self.flats]
-        _zero_padding(self.flats, self.masks)
+        self.paddings = [_padding_mask(flat, segments[id(flat)]) for flat in self.flats]
+        _zero_padding(self.flats, self.paddings)
         groups = {id(g) for g in zero.real_dp_process_group}
         if len(groups) != 1:
             raise NotImplementedError(
@@ -425,8 +425,11 @@ class _Zero12:
     def flats_in_groups(self):
         yield
 
-    def gradients(self) -> list[torch.Tensor]:
-        """Copies of the reduced gradient partitions, formed as ``DeepSpeedZeroOptimizer.step`` does."""
+    def gradients(self, owned: bool = True) -> list[torch.Tensor]:
+        """The reduced gradient partitions, formed as ``DeepSpeedZeroOptimizer.step`` does.
+
+        ``owned=False`` may return views of DeepSpeed's buffers, valid until the next pass.
+        """
         zero, out = self.zero, []
         for i, flat in enumerate(self.flats):
             group = zero.real_dp_process_group[i]
@@ -442,9 +445,9 @@ class _Zero12:
                     grad = zero.flatten_dense_tensors_aligned(tensors, int(zero.partition_size[i]))
                 else:
                     grad = zero.flatten(tensors)
-            out.append(grad.reshape(-1).to(dtype=flat.dtype, copy=True))
-        for grad, mask in zip(out, self.masks, strict=True):
-            grad.masked_fill_(~mask, 0.0)
+            out.append(grad.reshape(-1).to(dtype=flat.dtype, copy=owned))
+        for grad, padding in zip(out, self.paddings, strict=True):
+            grad.masked_fill_(padding, 0.0)
         return out
 
     def clear_gradients(self) -> None:
@@ -501,8 +504,8 @@ class _Zero3:
             raise NotImplementedError(
                 "Sub-groups on different partition groups (MiCS, AutoEP) are not supported."
             )
-        self.masks = [_real_mask(flat, segments[id(flat)]) for flat in self.flats]
-        _zero_padding(self.flats, self.masks)
+        self.paddings = [_padding_mask(flat, segments[id(flat)]) for flat in self.flats]
+        _zero_padding(self.flats, self.paddings)
         strategy.bind(segments, zero.dp_process_group)
 
     @contextmanager
@@ -522,8 +525,10 @@ class _Zero3:
                 g["params"] = params
 
     @torch.no_grad()
-    def gradients(self) -> list[torch.Tensor]:
-        """Copies of the reduced gradient partitions, as ``_prepare_fp32_grad_for_sub_group`` forms them.
+    def gradients(self, owned: bool = True) -> list[torch.Tensor]:
+        """The reduced gradient partitions, as ``_prepare_fp32_grad_for_sub_group`` forms them.
+
+        ``owned=False`` may return views of DeepSpeed's buffers, valid until the next pass.
 
         A parameter's gradient partition is a reused buffer whose padding DeepSpeed never
         writes (a rank holding none of a parameter's elements leaves all of it untouched),
@@ -542,7 +547,9 @@ class _Zero3:
                 if length < grad.numel():
                     grad.view(-1)[length:].zero_()
             flat = zero.fp32_partitioned_groups_flat[sg]
-            out.append(zero.flatten(tensors).reshape(-1).to(dtype=flat.dtype, copy=True))
+            # flatten copies several tensors but returns a view of a single one
+            copy = owned and len(tensors) == 1
+            out.append(zero.flatten(tensors).reshape(-1).to(dtype=flat.dtype, copy=copy))
         return out
 
     def clear_gradients(self) -> None:
@@ -671,11 +678,11 @@ class SasshaDeepSpeed:
         device = self.adapter.flats[0].device  # the collective's device (NCCL needs the GPU's)
         total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of D, element count
         peak = torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
-        for flat, mask in zip(self.adapter.flats, self.adapter.masks, strict=True):
+        for flat, padding in zip(self.adapter.flats, self.adapter.paddings, strict=True):
             state = opt.state.get(flat, {})
             if keys.HESSIAN_DIAG not in state:
                 continue
-            real = state[keys.HESSIAN_DIAG].reshape(-1)[mask]
+            real = state[keys.HESSIAN_DIAG].reshape(-1)[~padding]
             if real.numel():
                 total[0] += real.sum(dtype=torch.float64)
                 total[1] += real.numel()
@@ -788,10 +795,19 @@ class SasshaDeepSpeed:
 
     # -- passes ---------------------------------------------------------------------------
 
-    def _pass(self, closures: list[Closure], *, set_grads: bool = False, keep: bool = False):
+    def _pass(
+        self,
+        closures: list[Closure],
+        *,
+        set_grads: bool = False,
+        keep: bool = False,
+        subtract_from: list[torch.Tensor] | None = None,
+    ):
         """Forward/backward of every micro-batch through the engine; returns the loss and the gradients.
 
         ``keep``: leave the reduced gradient in DeepSpeed's buffers for ``engine.step()``.
+        ``subtract_from``: subtract the reduced gradient from these tensors in place, read straight
+        from DeepSpeed's buffers (no copy), and return no gradients.
         """
         engine, total = self.engine, None
         last = len(closures) - 1
@@ -799,7 +815,11 @@ class SasshaDeepSpeed:
             engine.set_gradient_accumulation_boundary(k == last)
             scaled = engine.backward(_evaluate(closure), scale_wrt_gas=self.scale_wrt_gas).detach()
             total = scaled if total is None else total + scaled
-        grads = self.adapter.gradients()
+        grads = None
+        if subtract_from is None:
+            grads = self.adapter.gradients()
+        else:
+            torch._foreach_sub_(subtract_from, self.adapter.gradients(owned=False))
         if not keep:
             self.adapter.clear_gradients()
         if set_grads:
@@ -814,6 +834,11 @@ class SasshaDeepSpeed:
 
         Returns ``(sum of probes, weight)`` for the forward scheme, which still
         needs the perturbed gradient, or ``None``.
+
+        As in ``Sassha.hessian_pass``, the estimate forms in place in the first gradient's buffer,
+        the probe is held as int8 signs, and ``w - hz`` is reached from ``w + hz``. Unlike there,
+        ``w`` is copied: the perturbed pass comes after the finite differences here, and its
+        gradient must be taken at ``w`` exactly, not one rounding away from it.
         """
         opt, flats = self.optimizer, pending.locals
         options = opt.options
@@ -823,35 +848,47 @@ class SasshaDeepSpeed:
         h = finite_difference_step(fd_step, point_norm, opt.strategy.num_elements)
         central = options.fd_scheme == FD_CENTRAL
         weight = 1.0 / ((2.0 * h if central else h) * options.n_samples)
-        estimates = [torch.zeros_like(f) for f in flats]
+        estimates: list[torch.Tensor] = []
         probe_sum = None if central else [torch.zeros_like(f) for f in flats]
         for sample in range(options.n_samples):
-            probes = self._probes(flats, sample)
-            difference = self._gradient_at(flats, point, probes, h, closures)
+            signs = self._probes(flats, sample)
+            torch._foreach_copy_(flats, point)
+            difference = self._gradient_at(flats, signs, h, closures)
             if central:
-                torch._foreach_sub_(difference, self._gradient_at(flats, point, probes, -h, closures))
+                self._move(flats, signs, -2.0 * h)
+                with torch.enable_grad():
+                    self._pass(closures, subtract_from=difference)
             else:
-                torch._foreach_add_(probe_sum, probes)
-            for est, z, diff in zip(estimates, probes, difference, strict=True):
-                est.addcmul_(z, diff, value=weight)
+                torch._foreach_add_(probe_sum, signs)
+            if estimates:
+                for est, z, diff in zip(estimates, signs, difference, strict=True):
+                    est.addcmul_(z, diff, value=weight)
+            else:  # z is +-1: (diff * z) * w equals addcmul's exact w * z * diff
+                estimates = difference
+                torch._foreach_mul_(estimates, signs)
+                torch._foreach_mul_(estimates, weight)
         torch._foreach_copy_(flats, point)
         self.adapter.push_params()
         pending.estimates = estimates
         return None if central else (probe_sum, weight)
 
-    def _gradient_at(self, flats, point, probes, h, closures) -> list[torch.Tensor]:
-        torch._foreach_copy_(flats, point)
-        torch._foreach_add_(flats, probes, alpha=h)
-        self.adapter.push_params()
+    def _gradient_at(self, flats, signs, h, closures) -> list[torch.Tensor]:
+        """The gradient at ``flats + h z`` (moving the partitions there), in buffers of our own."""
+        self._move(flats, signs, h)
         with torch.enable_grad():
             _, grads = self._pass(closures)
         return grads
 
+    def _move(self, flats: list[torch.Tensor], signs: list[torch.Tensor], h: float) -> None:
+        """Partitions (and the model's copy) to ``flats + h z``."""
+        torch._foreach_add_(flats, signs, alpha=h)
+        self.adapter.push_params()
+
     def _probes(self, flats: list[torch.Tensor], sample: int) -> list[torch.Tensor]:
-        """Global probe ``sample`` on each partition, zero on ZeRO's padding."""
+        """Global probe ``sample`` on each partition as int8 signs, zero on ZeRO's padding."""
         opt = self.optimizer
         segments = [opt.strategy.probe_segments(flat, index) for index, flat in enumerate(flats)]
-        return opt._probes_for(flats, segments, sample)
+        return opt._probes_for(flats, segments, sample, torch.int8)
 
     # -- helpers --------------------------------------------------------------------------
 
