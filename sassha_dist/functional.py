@@ -92,10 +92,22 @@ def _by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[int]
     return [(idx, [[lst[i] for i in idx] for lst in lists]) for idx in buckets.values()]
 
 
+#: On CPU the foreach kernels are the default when the tensors average at most this many elements.
+#: They save per-tensor dispatch, which dominates for small tensors; for large ones the for-loop,
+#: which keeps a tensor in cache through its ops, is faster. Measured (one thread, 28 tensors, the
+#: update plus a norm): foreach 0.26 / 0.33 / 0.60 ms against the loop's 0.38 / 0.45 / 0.71 ms at
+#: 1,024 / 4,096 / 16,384 elements a tensor, but 4.8 ms against 2.2 ms at 65,536.
+CPU_FOREACH_MAX_MEAN_NUMEL = 1 << 14
+
+
 def _resolve_foreach(foreach: bool | None, tensors: Sequence[torch.Tensor]) -> bool:
     if foreach is not None:
         return foreach
-    return all(t.device.type in ("cuda", "xpu") for t in tensors)
+    if all(t.device.type in ("cuda", "xpu") for t in tensors):
+        return True
+    if tensors and all(t.device.type == "cpu" for t in tensors):
+        return sum(t.numel() for t in tensors) <= CPU_FOREACH_MAX_MEAN_NUMEL * len(tensors)
+    return False
 
 
 def sq_norm(tensors: Sequence[torch.Tensor], *, foreach: bool | None = None) -> torch.Tensor:

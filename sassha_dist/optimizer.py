@@ -218,6 +218,11 @@ def _as_closures(closure: Closure | Sequence[Closure] | None) -> list[Closure]:
     return closures
 
 
+def _negated(closure: Closure) -> Closure:
+    """The closure of the negated loss: its backward pass subtracts the gradient."""
+    return lambda: -closure()
+
+
 def _evaluate(closure: Closure) -> torch.Tensor:
     with torch.enable_grad():
         loss = closure()
@@ -279,7 +284,8 @@ class Sassha(Optimizer):
         on_nonfinite: ``"skip"`` a step with a non-finite loss, gradient or
             Hessian estimate (parameters and state untouched, counted in
             ``skipped_steps``), or ``"raise"`` ``FloatingPointError`` after undoing it.
-        foreach: use the foreach kernels (default: on CUDA/XPU).
+        foreach: use the foreach kernels (default: on CUDA/XPU, and on CPU for tensors of at most
+            16,384 elements on average, where per-tensor dispatch dominates).
         strategy: the engine strategy; detected from ``params`` when omitted.
 
     One call per training step: ``optimizer.step(closure)``. The closure must
@@ -617,10 +623,10 @@ class Sassha(Optimizer):
         gradient-sized buffer, in which the difference forms and becomes the estimate in place,
         and the probe as int8 signs. With full-precision parameters :math:`w` is not copied: the
         passes move the parameters by :math:`+hz, -2hz, +hz`, so :math:`w - hz` and the final
-        :math:`w` carry rounding of about one ulp of :math:`w`; and the second pass accumulates
-        onto the negated first gradient, so the difference forms in the gradient buffer itself.
-        Low-precision parameters, whose ulp is not small next to :math:`hz`, keep an exact copy
-        of :math:`w` and take each gradient in the state dtype.
+        :math:`w` carry rounding of about one ulp of :math:`w`; and the second pass
+        back-propagates the negated loss onto the first gradient, so the difference forms in the
+        gradient buffer itself. Low-precision parameters, whose ulp is not small next to
+        :math:`hz`, keep an exact copy of :math:`w` and take each gradient in the state dtype.
         """
         pending = self._require_pending("hessian_pass")
         if not (pending.hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE):
@@ -647,17 +653,16 @@ class Sassha(Optimizer):
         for sample in range(self.options.n_samples):
             signs = self._probes(pending, sample, dtype=torch.int8)
             if central:
-                difference, scale = self._central_difference(pending, point, signs, h, closures)
+                difference = self._central_difference(pending, point, signs, h, closures)
             else:
                 difference = self._forward_difference(pending, point, signs, h, perturbed_grads, closures)
-                scale = 1.0
             if estimates:
                 for est, z, diff in zip(estimates, signs, difference, strict=True):
-                    est.addcmul_(z, diff, value=scale * weight)
+                    est.addcmul_(z, diff, value=weight)
             else:  # z is +-1: (diff * z) * w equals addcmul's exact w * z * diff
                 estimates = difference
                 torch._foreach_mul_(estimates, signs)
-                torch._foreach_mul_(estimates, scale * weight)
+                torch._foreach_mul_(estimates, weight)
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
         pending.estimates = estimates
@@ -931,28 +936,28 @@ class Sassha(Optimizer):
         signs: list[torch.Tensor],
         h: float,
         closures: list[Closure],
-    ) -> tuple[list[torch.Tensor], float]:
-        """``(d, s)`` with ``s * d = g(w + hz) - g(w - hz)`` in the state dtype, in buffers the step owns.
+    ) -> list[torch.Tensor]:
+        """``g(w + hz) - g(w - hz)`` in the state dtype, in buffers the step owns.
 
         Leaves the parameters at ``w``: copied from ``point``, or without one (full precision)
-        moved back by ``+hz``. Without ``point`` the second pass accumulates onto the negated
-        first gradient, so ``d = g(w - hz) - g(w + hz)`` and ``s = -1``.
+        moved back by ``+hz``. Without ``point`` the second pass back-propagates the negated loss
+        onto the first gradient, so the difference forms in the gradient buffers (negation is
+        exact, so this equals the subtraction bit for bit).
         """
         locals_ = pending.locals
         self._move_to(pending, point, signs, h)
         self._accumulate_gradients(pending, closures)
         if point is None:
-            torch._foreach_neg_([self.strategy.local(p.grad) for p in pending.params if p.grad is not None])
             torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
-            self._accumulate_gradients(pending, closures)
+            self._accumulate_gradients(pending, [_negated(c) for c in closures])
             torch._foreach_add_(locals_, signs, alpha=h)
-            return self._take_grads(pending.params, locals_), -1.0
+            return self._take_grads(pending.params, locals_)
         difference = self._take_state_grads(pending)
         self._move_to(pending, point, signs, -h)
         self._accumulate_gradients(pending, closures)
         torch._foreach_sub_(difference, self._take_state_grads(pending))
         torch._foreach_copy_(locals_, point)
-        return difference, 1.0
+        return difference
 
     def _forward_difference(
         self,

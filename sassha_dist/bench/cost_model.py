@@ -61,9 +61,13 @@ EXACT_HVP_COST = 2.0
 #: finite-difference steps: theta, the perturbed gradient set aside, and the probe
 #: as int8 signs (a quarter) -- the difference forms in the gradient buffer and
 #: becomes the estimate in place. A second probe sample adds the estimate's own
-#: buffer. The engine's temporaries (a layer's gradient while it is accumulated,
-#: the update kernel's) come on top, bounded by :func:`check`'s kernel term.
-SASSHA_BUFFERS = {"step": 1, "exact": 3, "finite_difference": 2.25}
+#: buffer. Under ZeRO the perturbed pass comes last, so nothing is set aside, but
+#: the point w is copied (the perturbed gradient must be taken at w exactly) and the
+#: difference forms in a buffer of SASSHA's, not DeepSpeed's: theta, w, the
+#: difference and the int8 probe. The engine's temporaries (a layer's gradient
+#: while it is accumulated, the update kernel's) come on top, bounded by
+#: :func:`check`'s kernel term.
+SASSHA_BUFFERS = {"step": 1, "exact": 3, "finite_difference": 2.25, "finite_difference_zero": 3.25}
 
 
 @dataclass(frozen=True)
@@ -325,7 +329,8 @@ def estimate(
             hessian_buffers = SASSHA_BUFFERS["exact"] + (n_samples - 1)  # one probe set per sample
         elif hessian == "finite_difference":
             hessian_passes = n_samples * (2.0 if fd_scheme == "central" else 1.0)
-            hessian_buffers = SASSHA_BUFFERS["finite_difference"] + (n_samples > 1)  # a separate estimate
+            fd_key = "finite_difference_zero" if engine.startswith("zero") else "finite_difference"
+            hessian_buffers = SASSHA_BUFFERS[fd_key] + (n_samples > 1)  # a separate estimate
         else:
             raise ValueError(f"Invalid hessian={hessian!r}. Must be 'auto', 'exact' or 'finite_difference'.")
         passes = 2.0 + hessian_passes / k
