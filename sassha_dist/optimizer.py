@@ -54,6 +54,7 @@ from sassha_dist.functional import (
 from sassha_dist.hessian.hvp import (
     UNDERFLOW_SAFE_EPS,
     UNDERFLOW_WARNING_FRACTION,
+    accumulate_hutchinson_,
     curvature_underflow,
     default_fd_step,
     exact_hvp,
@@ -656,13 +657,7 @@ class Sassha(Optimizer):
                 difference = self._central_difference(pending, point, signs, h, closures)
             else:
                 difference = self._forward_difference(pending, point, signs, h, perturbed_grads, closures)
-            if estimates:
-                for est, z, diff in zip(estimates, signs, difference, strict=True):
-                    est.addcmul_(z, diff, value=weight)
-            else:  # z is +-1: (diff * z) * w equals addcmul's exact w * z * diff
-                estimates = difference
-                torch._foreach_mul_(estimates, signs)
-                torch._foreach_mul_(estimates, weight)
+            estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
         pending.estimates = estimates
@@ -846,15 +841,10 @@ class Sassha(Optimizer):
                 grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
                 for sample, probes in enumerate(probe_sets):
                     products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
-                    with torch.no_grad():
-                        if not estimates:  # z is +-1: (hv * z) * (1/S) equals addcmul's (1/S * z) * hv
-                            # in the products' own fresh buffers where they are in the state dtype
-                            estimates = [hv.to(state_dtype(hv.dtype)) for hv in products]
-                            torch._foreach_mul_(estimates, [z.to(e.dtype) for z, e in zip(probes, estimates)])
-                            torch._foreach_mul_(estimates, 1.0 / samples)
-                            continue
-                        for est, z, hv in zip(estimates, probes, products, strict=True):
-                            est.addcmul_(z.to(est.dtype), hv.to(est.dtype), value=1.0 / samples)
+                    # in the state dtype; the first products become the estimates in place
+                    products = [hv.to(state_dtype(hv.dtype)) for hv in products]
+                    signs = [z.to(hv.dtype) for z, hv in zip(probes, products, strict=True)]
+                    estimates = accumulate_hutchinson_(estimates, signs, products, 1.0 / samples)
                 with torch.no_grad():
                     if perturbed_grads:
                         torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])

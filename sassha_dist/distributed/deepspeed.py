@@ -94,7 +94,12 @@ import torch.distributed as dist
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 from sassha_dist.functional import sq_norm
-from sassha_dist.hessian.hvp import curvature_underflow, default_fd_step, finite_difference_step
+from sassha_dist.hessian.hvp import (
+    accumulate_hutchinson_,
+    curvature_underflow,
+    default_fd_step,
+    finite_difference_step,
+)
 from sassha_dist.optimizer import (
     FD_CENTRAL,
     PROBES_GLOBAL,
@@ -860,13 +865,7 @@ class SasshaDeepSpeed:
                     self._pass(closures, subtract_from=difference)
             else:
                 torch._foreach_add_(probe_sum, signs)
-            if estimates:
-                for est, z, diff in zip(estimates, signs, difference, strict=True):
-                    est.addcmul_(z, diff, value=weight)
-            else:  # z is +-1: (diff * z) * w equals addcmul's exact w * z * diff
-                estimates = difference
-                torch._foreach_mul_(estimates, signs)
-                torch._foreach_mul_(estimates, weight)
+            estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
         torch._foreach_copy_(flats, point)
         self.adapter.push_params()
         pending.estimates = estimates

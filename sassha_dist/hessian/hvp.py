@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "UNDERFLOW_SAFE_EPS",
     "UNDERFLOW_WARNING_FRACTION",
+    "accumulate_hutchinson_",
     "curvature_underflow",
     "default_fd_step",
     "exact_hvp",
@@ -92,6 +93,28 @@ def exact_hvp(
         allow_unused=True,
     )
     return [torch.zeros_like(p) if hv is None else hv for p, hv in zip(params, products, strict=True)]
+
+
+@torch.no_grad()
+def accumulate_hutchinson_(
+    estimates: list[torch.Tensor],
+    probes: Sequence[torch.Tensor],
+    products: list[torch.Tensor],
+    weight: float,
+) -> list[torch.Tensor]:
+    """``estimates + weight * z * Hz`` per tensor; with no ``estimates`` yet, ``products`` become them.
+
+    ``products`` (the ``Hz`` terms, or a finite difference of gradients) are consumed: the first
+    probe's are turned into the estimate in place, so no zero-filled accumulator is allocated. ``z``
+    is +-1, so ``(Hz * z) * weight`` equals addcmul's ``weight * z * Hz`` bit for bit.
+    """
+    if estimates:
+        for est, z, hz in zip(estimates, probes, products, strict=True):
+            est.addcmul_(z, hz, value=weight)
+        return estimates
+    torch._foreach_mul_(products, list(probes))
+    torch._foreach_mul_(products, weight)
+    return products
 
 
 @torch.no_grad()
