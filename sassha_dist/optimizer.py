@@ -658,8 +658,10 @@ class Sassha(Optimizer):
             else:
                 difference = self._forward_difference(pending, point, signs, h, perturbed_grads, closures)
             estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
-        for p, g in zip(params, saved_grads, strict=True):
+        for p, g, perturbed in zip(params, saved_grads, perturbed_grads, strict=True):
             p.grad = g
+            if g is not None and self.strategy.local(g).data_ptr() != perturbed.data_ptr():
+                self.strategy.local(g).copy_(perturbed)  # an engine buffer the passes overwrote
         pending.estimates = estimates
         pending.report.hessian_underflow = curvature_underflow(estimates, perturbed_grads)
         pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
@@ -990,8 +992,11 @@ class Sassha(Optimizer):
         return [g.to(state_dtype(g.dtype)) for g in grads]
 
     def _take_grads(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``."""
-        grads = self._local_grads(params, local_params)
+        """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``.
+
+        The tensors are the step's own: the engine does not write them in a later pass.
+        """
+        grads = [self.strategy.owned_gradient(g) for g in self._local_grads(params, local_params)]
         for p in params:
             p.grad = None
         return grads

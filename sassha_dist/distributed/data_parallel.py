@@ -105,6 +105,11 @@ class DataParallel(Strategy):
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def owned_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """A copy when ``grad`` is a view of a DDP bucket (``gradient_as_bucket_view=True``): DDP
+        points the next backward pass's gradients at the same bucket and overwrites it."""
+        return grad.clone() if grad._base is not None else grad
+
     def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
         # Parameters are replicated, not sharded: a local sum is already global.
         return value

@@ -94,6 +94,10 @@ class Strategy(ABC):
         """The part of ``tensor`` (a parameter, its gradient or its state) this rank owns, as a view."""
         return tensor
 
+    def owned_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """A local gradient taken off its parameter, safe to keep across the next backward pass."""
+        return grad
+
     def probe_segments(self, param: torch.Tensor, param_index: int) -> list[ProbeSegment]:
         """Where this rank's local elements of ``param`` sit in the full parameters they belong to."""
         return [ProbeSegment(0, self.local(param).numel(), param_index, 0)]
