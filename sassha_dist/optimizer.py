@@ -660,8 +660,9 @@ class Sassha(Optimizer):
             estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
         for p, g, perturbed in zip(params, saved_grads, perturbed_grads, strict=True):
             p.grad = g
-            if g is not None and self.strategy.local(g).data_ptr() != perturbed.data_ptr():
-                self.strategy.local(g).copy_(perturbed)  # an engine buffer the passes overwrote
+            local = None if g is None else self.strategy.local(g)
+            if local is not None and local.data_ptr() != perturbed.data_ptr():
+                local.copy_(perturbed)  # an engine buffer the passes overwrote (owned_gradient)
         pending.estimates = estimates
         pending.report.hessian_underflow = curvature_underflow(estimates, perturbed_grads)
         pending.checks.append(("Hessian estimate", self._all_finite(estimates)))

@@ -857,7 +857,6 @@ class SasshaDeepSpeed:
         probe_sum = None if central else [torch.zeros_like(f) for f in flats]
         for sample in range(options.n_samples):
             signs = self._probes(flats, sample)
-            torch._foreach_copy_(flats, point)
             difference = self._gradient_at(flats, signs, h, closures)
             if central:
                 self._move(flats, signs, -2.0 * h)
@@ -866,7 +865,7 @@ class SasshaDeepSpeed:
             else:
                 torch._foreach_add_(probe_sum, signs)
             estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
-        torch._foreach_copy_(flats, point)
+            torch._foreach_copy_(flats, point)  # back to w exactly, for the next probe or the last pass
         self.adapter.push_params()
         pending.estimates = estimates
         return None if central else (probe_sum, weight)
