@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from sassha_dist.functional import (
+    CPU_FOREACH_MAX_MEAN_NUMEL,
     UpdateHyperparameters,
+    _resolve_foreach,
     apply_perturbation,
     perturbation_sq_norm,
     sassha_update,
@@ -152,3 +154,13 @@ def test_sassha_update(kind, eps_placement, bias_correction, wd_mode, weight_dec
     # state dtype is kept: fp32 for bf16 params
     for m, d in zip(runs[0][len(params) :], dtypes, strict=True):
         assert m.dtype == state_dtype(d)
+
+
+def test_cpu_default_uses_foreach_only_for_small_tensors():
+    """foreach=None on CPU: the foreach kernels for tensors averaging at most
+    CPU_FOREACH_MAX_MEAN_NUMEL elements (dispatch-bound), the for-loop above (cache-bound)."""
+    small = [torch.zeros(CPU_FOREACH_MAX_MEAN_NUMEL), torch.zeros(CPU_FOREACH_MAX_MEAN_NUMEL)]
+    large = [torch.zeros(CPU_FOREACH_MAX_MEAN_NUMEL), torch.zeros(CPU_FOREACH_MAX_MEAN_NUMEL + 2)]
+    assert _resolve_foreach(None, small) is True
+    assert _resolve_foreach(None, large) is False
+    assert _resolve_foreach(False, small) is False and _resolve_foreach(True, large) is True
