@@ -96,6 +96,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from sassha_dist import schedules
 from sassha_dist import state_keys as keys
 from sassha_dist.functional import state_dtype
 
@@ -126,6 +127,8 @@ STATE = "state"
 PARAM_GROUPS = "param_groups"
 _PARAM_GROUPS_JSON = "param_groups_json"  # DCP stores the groups as one JSON string
 _PER_PARAM_KEYS = (keys.MOMENTUM, keys.HESSIAN_DIAG, keys.STEP, keys.HESSIAN_UPDATES)
+#: Saved since the authors' frozen bias correction; older checkpoints lack them (Sassha derives them).
+_OPTIONAL_PER_PARAM_KEYS = (keys.HESSIAN_CORRECTION, keys.HESSIAN_CORRECTION_POWER)
 _COUNTER_KEYS = (keys.GLOBAL_STEP, keys.HESSIAN_REFRESHES, keys.SKIPPED_STEPS)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 22
@@ -214,7 +217,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     for saved_group, group_names in zip(indexed[PARAM_GROUPS], _group_names(optimizer, names), strict=True):
         index_to_name.update(zip(saved_group["params"], group_names, strict=True))
     state = {
-        index_to_name[index]: {k: entry[k] for k in _PER_PARAM_KEYS}
+        index_to_name[index]: {k: entry[k] for k in _PER_PARAM_KEYS + _OPTIONAL_PER_PARAM_KEYS if k in entry}
         for index, entry in indexed[STATE].items()
     }
     groups = [
@@ -351,11 +354,16 @@ def load_optimizer_state_dict(
             keys.HESSIAN_UPDATES: torch.as_tensor(saved[keys.HESSIAN_UPDATES], dtype=torch.float32)
             .detach()
             .cpu(),
+            **{
+                k: torch.as_tensor(saved[k], dtype=torch.float64).detach().cpu()
+                for k in _OPTIONAL_PER_PARAM_KEYS
+                if k in saved
+            },
         }
     # Saved group order may list the same names in another order: index by the optimizer's order.
     indexed_groups, start = [], 0
     for live, saved, current in zip(optimizer.param_groups, saved_groups, current_groups, strict=True):
-        group = {k: v for k, v in saved.items() if k != "params"}
+        group = {k: schedules.from_json(v) for k, v in saved.items() if k != "params"}
         for k, v in live.items():  # a tensor hyperparameter (lr) stays a tensor where it was one
             if isinstance(v, torch.Tensor) and k in group and not isinstance(group[k], torch.Tensor):
                 group[k] = torch.tensor(group[k], dtype=v.dtype, device=v.device)
@@ -425,7 +433,11 @@ def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def _plain_group(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in group.items()}
+    """Tensor hyperparameters as floats and schedules as JSON (``sassha_dist.schedules``)."""
+    return {
+        k: (float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else schedules.to_json(v))
+        for k, v in group.items()
+    }
 
 
 def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: Mapping[str, Any]) -> None:
@@ -598,8 +610,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     known = {*counter_keys, groups_key}
     for name, p in params.items():
         entry_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in _PER_PARAM_KEYS}
+        optional_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in _OPTIONAL_PER_PARAM_KEYS}
         present = [k for k, flat in entry_keys.items() if flat in saved]
-        known.update(entry_keys.values())
+        known.update(entry_keys.values(), optional_keys.values())
         if not present:
             continue  # no state saved for this parameter (frozen, or unused so far)
         if len(present) != len(_PER_PARAM_KEYS):
@@ -620,6 +633,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
             keys.HESSIAN_DIAG: torch.zeros_like(p, dtype=dtype),
             keys.STEP: torch.zeros((), dtype=torch.float32),
             keys.HESSIAN_UPDATES: torch.zeros((), dtype=torch.float32),
+            **{k: torch.zeros((), dtype=torch.float64) for k, flat in optional_keys.items() if flat in saved},
         }
     unknown = sorted(k for k in saved if k.startswith("optimizer.") and k not in known)
     if unknown:
@@ -667,7 +681,10 @@ def _groups_from_json(text: str, path: Path) -> list[dict[str, Any]]:
         raise CorruptCheckpointError(f"The param groups stored in {path} are damaged: {groups!r}.")
     # JSON has no tuples: give betas (and any other pair) back its tuple.
     return [
-        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
+        {
+            k: (tuple(v) if isinstance(v, list) and k != "params" else schedules.from_json(v))
+            for k, v in group.items()
+        }
         for group in groups
     ]
 

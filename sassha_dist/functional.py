@@ -16,8 +16,11 @@ Notation (one parameter tensor, step :math:`t`, :math:`n` Hessian refreshes):
     \theta_{t+1} &= \theta_t - \eta\,\bar m_t / \bar D - \eta\lambda\,\theta_t
     \end{aligned}
 
-with :math:`c_2 = 1-\beta_2^n` (refreshes), :math:`1-\beta_2^t` (global step,
-the authors' code) or :math:`1` (none).
+with :math:`c_2 = 1-\beta_2^n` (refreshes) or :math:`1` (none). The authors' code
+(``bias_correction="global_step"``) divides :math:`D^p` by :math:`c_r^{p_r}` instead, with
+:math:`c_r = 1-\beta_2^{t_r}` and :math:`p_r` the step and the power of the last refresh,
+held unchanged until the next one; inside the power it divides :math:`D` by :math:`c_r`.
+Without momentum bias correction (the authors' GPT-2 code) :math:`\bar m_t = m_t`.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
+    "HessianCorrection",
     "UpdateHyperparameters",
     "apply_perturbation",
     "perturbation_sq_norm",
@@ -53,6 +58,13 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
+class HessianCorrection(NamedTuple):
+    """The bias correction of one tensor's ``D``: ``(D / inside)^p + eps`` or ``D^p / after + eps``."""
+
+    inside: float
+    after: float
+
+
 @dataclass(frozen=True)
 class UpdateHyperparameters:
     """One parameter group's update settings for one step."""
@@ -66,16 +78,25 @@ class UpdateHyperparameters:
     eps_placement: str
     bias_correction: str
     weight_decay_mode: str
+    momentum_bias_correction: bool = True
 
     def momentum_correction(self, step: int) -> float:
-        return 1.0 - self.beta1**step
+        return 1.0 - self.beta1**step if self.momentum_bias_correction else 1.0
 
-    def hessian_correction(self, step: int, hessian_updates: int) -> float:
+    def hessian_correction(
+        self, hessian_updates: int, refresh_correction: float, refresh_power: float
+    ) -> HessianCorrection:
+        r"""What divides ``D`` inside the power and ``D^p`` after it, for one tensor.
+
+        ``refresh_correction`` / ``refresh_power``: :math:`1-\beta_2^{t_r}` and the power at the
+        tensor's last refresh, which ``"global_step"`` (the authors' rule) holds until the next.
+        """
         if self.bias_correction == BIAS_CORRECTION_HESSIAN_UPDATES:
-            return 1.0 - self.beta2**hessian_updates
+            correction = 1.0 - self.beta2**hessian_updates
+            return HessianCorrection(correction, correction**self.hessian_power)
         if self.bias_correction == BIAS_CORRECTION_GLOBAL_STEP:
-            return 1.0 - self.beta2**step
-        return 1.0
+            return HessianCorrection(refresh_correction, refresh_correction**refresh_power)
+        return HessianCorrection(1.0, 1.0)
 
     def decay_factor(self) -> float:
         """``theta <- theta * (1 - decay)``: ``lr * wd`` (lr_scaled) or ``wd`` (lr_independent)."""
@@ -194,7 +215,7 @@ def sassha_update(
     momenta: Sequence[torch.Tensor],
     hessian_diags: Sequence[torch.Tensor],
     steps: Sequence[int],
-    hessian_updates: Sequence[int],
+    hessian_corrections: Sequence[HessianCorrection],
     hyper: UpdateHyperparameters,
     *,
     foreach: bool | None = None,
@@ -202,9 +223,9 @@ def sassha_update(
     """Momentum update, preconditioning and decoupled weight decay, in place.
 
     ``params`` hold the exact pre-step values :math:`\\theta_t`; ``grads`` the
-    perturbed gradients; ``steps`` / ``hessian_updates`` the per-tensor counts
-    *including* this step. Low-precision parameters are updated in their fp32
-    state dtype and rounded once at the end.
+    perturbed gradients; ``steps`` the per-tensor step counts *including* this step;
+    ``hessian_corrections`` each tensor's :meth:`UpdateHyperparameters.hessian_correction`.
+    Low-precision parameters are updated in their fp32 state dtype and rounded once at the end.
     """
     if not params:
         return
@@ -212,16 +233,15 @@ def sassha_update(
     lr, power, eps = hyper.lr, hyper.hessian_power, hyper.eps
     decay = hyper.decay_factor()
     step_sizes = [-lr / hyper.momentum_correction(s) for s in steps]
-    d_scales = [hyper.hessian_correction(s, n) for s, n in zip(steps, hessian_updates, strict=True)]
     after_power = hyper.eps_placement == EPS_AFTER_POWER
     if not use_foreach:
         for i, (p, g, m, d) in enumerate(zip(params, grads, momenta, hessian_diags, strict=True)):
             work = p if p.dtype == m.dtype else p.to(m.dtype)
             m.lerp_(g.to(m.dtype), 1.0 - hyper.beta1)
             if after_power:
-                denom = d.pow(power).div_(d_scales[i] ** power).add_(eps)
+                denom = d.pow(power).div_(hessian_corrections[i].after).add_(eps)
             else:
-                denom = d.div(d_scales[i]).add_(eps).pow_(power)
+                denom = d.div(hessian_corrections[i].inside).add_(eps).pow_(power)
             if decay != 1.0:
                 work.mul_(decay)
             work.addcdiv_(m, denom, value=step_sizes[i])
@@ -235,10 +255,10 @@ def sassha_update(
         torch._foreach_lerp_(ms, gs, 1.0 - hyper.beta1)
         if after_power:
             denom = torch._foreach_pow(ds, power)
-            torch._foreach_div_(denom, [d_scales[i] ** power for i in idx])
+            torch._foreach_div_(denom, [hessian_corrections[i].after for i in idx])
             torch._foreach_add_(denom, eps)
         else:
-            denom = torch._foreach_div(ds, [d_scales[i] for i in idx])
+            denom = torch._foreach_div(ds, [hessian_corrections[i].inside for i in idx])
             torch._foreach_add_(denom, eps)
             torch._foreach_pow_(denom, power)
         if decay != 1.0:

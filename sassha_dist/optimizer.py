@@ -61,6 +61,8 @@ from sassha_dist.hessian.hvp import (
     finite_difference_step,
 )
 from sassha_dist.hessian.probes import probe_key, rademacher_ranges
+from sassha_dist.presets import AUTHORS_PRESET, RECIPE_IMAGE, authors_options
+from sassha_dist.rng import RngReplay
 
 __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport"]
 
@@ -75,26 +77,6 @@ HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE = "auto", "exact", "finit
 FD_CENTRAL, FD_FORWARD = "central", "forward"
 PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL = "auto", "per_rank", "global"
 NONFINITE_SKIP, NONFINITE_RAISE = "skip", "raise"
-
-#: The authors' public optimizer (SPEC §2), as keyword arguments:
-#: ``Sassha(params, **AUTHORS_PRESET)`` or ``Sassha.authors(params)``. Their
-#: configs pass ``weight_decay / lr`` to get a per-step decay of ``weight_decay``.
-AUTHORS_PRESET: dict[str, Any] = {
-    "lr": 0.15,
-    "betas": (0.9, 0.999),
-    "weight_decay": 0.0,
-    "rho": 0.2,
-    "lazy_hessian": 10,
-    "n_samples": 1,
-    "hessian_power": 0.5,
-    "eps": 1e-4,
-    "perturb_eps": 1e-12,
-    "eps_placement": EPS_AFTER_POWER,
-    "bias_correction": BIAS_CORRECTION_GLOBAL_STEP,
-    "weight_decay_mode": WEIGHT_DECAY_LR_SCALED,
-    "hessian_method": HESSIAN_EXACT,
-    "probe_mode": PROBES_GLOBAL,
-}
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -123,8 +105,14 @@ class SasshaOptions:
     probe_mode: str = PROBES_AUTO
     on_nonfinite: str = NONFINITE_SKIP
     foreach: bool | None = None
+    momentum_bias_correction: bool = True
+    replay_rng: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("adaptive", "local_perturbation", "momentum_bias_correction", "replay_rng"):
+            _check_bool(name, getattr(self, name))
+        if self.foreach is not None:
+            _check_bool("foreach", self.foreach)
         lazy_hessian, n_samples, seed = self.lazy_hessian, self.n_samples, self.seed
         if isinstance(lazy_hessian, bool) or not isinstance(lazy_hessian, int) or lazy_hessian < 1:
             raise ValueError(f"Invalid {lazy_hessian=}. Must be an int >= 1.")
@@ -134,11 +122,11 @@ class SasshaOptions:
             raise ValueError(f"Invalid {seed=}. Must be an int >= 0.")
         if not callable(self.hessian_power):
             _check_power(self.hessian_power)
-        perturb_eps = self.perturb_eps
+        perturb_eps = _check_number("perturb_eps", self.perturb_eps)
         if not perturb_eps >= 0.0:
             raise ValueError(f"Invalid {perturb_eps=}. Must be >= 0.")
         fd_step = self.fd_step
-        if fd_step is not None and not (0.0 < fd_step < math.inf):
+        if fd_step is not None and not (0.0 < _check_number("fd_step", fd_step) < math.inf):
             raise ValueError(f"Invalid {fd_step=}. Must be > 0 and finite, or None for the dtype's default.")
         _choice(
             "hessian_method", self.hessian_method, (HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE)
@@ -161,6 +149,31 @@ class SasshaOptions:
         if callable(self.hessian_power):
             return _check_power(self.hessian_power(step), f"hessian_power({step})")
         return self.hessian_power
+
+
+def _check_number(name: str, value: Any) -> float:
+    """``value`` as a float, or ``ValueError`` naming it (a string or a bool is not a number here)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"Invalid {name}={value!r} ({type(value).__name__}). Must be a number, e.g. {name}=0.1 "
+            "(from a config or command line, convert it first: float(value))."
+        )
+    return float(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r} ({type(value).__name__}). Must be True or False.")
+    return value
+
+
+def _check_rho(rho: Any, name: str = "rho") -> float:
+    value = _check_number(name, rho)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"Invalid {name}={rho!r}. Must be >= 0 and finite, or a callable of the step.")
+    return value
 
 
 def _check_power(hessian_power: Any, name: str = "hessian_power") -> float:
@@ -191,6 +204,14 @@ class StepReport:
 
 
 @dataclass
+class _FusedEstimate:
+    """An exact estimate from a one-pass step's gradient pass, for the step ``perturb`` starts."""
+
+    params: list[torch.Tensor]
+    estimates: list[torch.Tensor]
+
+
+@dataclass
 class _PendingStep:
     """State carried between the passes of one step, from ``perturb`` to ``update``."""
 
@@ -203,6 +224,8 @@ class _PendingStep:
     report: StepReport
     estimates: list[torch.Tensor] | None = None
     checks: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    #: rho is 0 in every group: theta + eps = theta, so the gradient pass is also the perturbed one.
+    one_pass: bool = False
 
 
 def _as_closures(closure: Closure | Sequence[Closure] | None) -> list[Closure]:
@@ -255,7 +278,9 @@ class Sassha(Optimizer):
         lr: learning rate :math:`\eta` (default 0.15, the authors').
         betas: :math:`(\beta_1, \beta_2)` for the gradient and Hessian EMAs.
         weight_decay: decoupled decay :math:`\lambda` (see ``weight_decay_mode``).
-        rho: perturbation radius :math:`\rho` (0 disables the ascent step's effect).
+        rho: perturbation radius :math:`\rho`, or a callable of the 1-based step (per group,
+            checked on every call). A step on which every group's ``rho`` is 0 runs one pass:
+            :math:`\theta + \epsilon = \theta`, so the gradient pass is also the perturbed one.
         lazy_hessian: refresh the Hessian every ``k`` steps (also on any step in
             which a parameter without a Hessian estimate appears).
         n_samples: Rademacher probes per refresh.
@@ -277,7 +302,11 @@ class Sassha(Optimizer):
             the authors' code) or ``"inside_power"`` (:math:`(D/c_2 + \epsilon)^p`).
         bias_correction: of :math:`D`: ``"hessian_updates"`` (default,
             :math:`c_2 = 1-\beta_2^n` with :math:`n` refreshes), ``"global_step"``
-            (the authors': :math:`1-\beta_2^t`) or ``"none"``.
+            (the authors': :math:`D^p` divided by :math:`(1-\beta_2^{t_r})^{p_r}`, with
+            :math:`t_r` the parameter's step at its last refresh and :math:`p_r` the power
+            then, held until the next refresh) or ``"none"``.
+        momentum_bias_correction: divide :math:`m` by :math:`1-\beta_1^t` (default); the
+            authors' GPT-2 code does not.
         weight_decay_mode: ``"lr_scaled"`` (:math:`\theta \mathrel{-}= \eta\lambda\theta`)
             or ``"lr_independent"`` (:math:`\theta \mathrel{-}= \lambda\theta`).
         probe_mode: ``"per_rank"`` (each data-parallel rank its own probe),
@@ -287,15 +316,20 @@ class Sassha(Optimizer):
             ``skipped_steps``), or ``"raise"`` ``FloatingPointError`` after undoing it.
         foreach: use the foreach kernels (default: on CUDA/XPU, and on CPU for tensors of at most
             16,384 elements on average, where per-tensor dispatch dominates).
+        replay_rng: replay the random-number state before every pass of a step (default), so
+            dropout draws the same masks at :math:`\theta`, :math:`\theta+\epsilon` and the
+            finite-difference points (see :mod:`sassha_dist.rng`). ``False`` draws new masks per
+            pass, as the authors' code does: harmless for gradients, fatal for finite differences.
         strategy: the engine strategy; detected from ``params`` when omitted.
 
     One call per training step: ``optimizer.step(closure)``. The closure must
     evaluate the model's loss at the *current* parameters on the step's batch
     and return it as a scalar tensor with its graph. It must not call
     ``backward``, ``zero_grad`` or ``step``, and must not change parameters or
-    draw a new batch: it is called 2 times per step, 3 on exact-Hessian steps'
-    fused pass counted once, plus 1 or 2 per probe on finite-difference
-    Hessian steps. Pass a list of closures for gradient accumulation, one per
+    draw a new batch: it is called 2 times per step (the exact Hessian is fused
+    into the second), 1 time on steps where every group's ``rho`` is 0, plus 1 or 2
+    per probe on finite-difference Hessian steps. Every call of a step sees the same
+    random numbers (``replay_rng``). Pass a list of closures for gradient accumulation, one per
     micro-batch, each returning its share of the loss. ``step`` zeroes the
     gradients itself and leaves the perturbed gradient in ``p.grad``.
 
@@ -337,6 +371,8 @@ class Sassha(Optimizer):
         probe_mode: str = PROBES_AUTO,
         on_nonfinite: str = NONFINITE_SKIP,
         foreach: bool | None = None,
+        momentum_bias_correction: bool = True,
+        replay_rng: bool = True,
         strategy: Strategy | None = None,
     ) -> None:
         options = SasshaOptions(
@@ -356,6 +392,8 @@ class Sassha(Optimizer):
             probe_mode=probe_mode,
             on_nonfinite=on_nonfinite,
             foreach=foreach,
+            momentum_bias_correction=momentum_bias_correction,
+            replay_rng=replay_rng,
         )
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "rho": rho, "eps": eps}
         _validate_group(defaults)
@@ -365,6 +403,8 @@ class Sassha(Optimizer):
         self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
         self.last_report = StepReport()
         self._pending: _PendingStep | None = None
+        self._fused: _FusedEstimate | None = None
+        self._rng_replay: RngReplay | None = None
 
     def use_strategy(self, strategy: Strategy) -> None:
         """Run on ``strategy``: check the options against it and resolve the ``"auto"`` choices.
@@ -404,9 +444,21 @@ class Sassha(Optimizer):
         )
 
     @classmethod
-    def authors(cls, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **overrides: Any) -> Sassha:
-        """The authors' optimizer (:data:`AUTHORS_PRESET`), with ``overrides`` on top."""
-        return cls(params, **{**AUTHORS_PRESET, **overrides})
+    def authors(
+        cls,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        recipe: str = RECIPE_IMAGE,
+        **overrides: Any,
+    ) -> Sassha:
+        """The authors' optimizer for ``recipe``, with ``overrides`` on top (:mod:`sassha_dist.presets`).
+
+        ``"image"`` (default, :data:`AUTHORS_PRESET`): their image-classification optimizer.
+        ``"lm"``: their GPT-2 recipe, with ``rho`` 0 and Hessian power 1 during the warm-ups
+        (``rho_warmup_iters`` / ``hessian_warmup_iters``, default 2000), then 0.02 and 0.8.
+        Gradient clipping (1.0 in their GPT-2 runs, of the perturbed gradient) stays the
+        training loop's job: the Trainer's ``max_grad_norm`` and ``run_clm.py`` do it.
+        """
+        return cls(params, **authors_options(recipe, **overrides))
 
     # -- construction and persistence -------------------------------------------------
 
@@ -438,6 +490,8 @@ class Sassha(Optimizer):
         self.__dict__.setdefault("probe_mode", PROBES_PER_RANK if exact else PROBES_GLOBAL)
         self.__dict__.setdefault("last_report", StepReport())
         self.__dict__["_pending"] = None
+        self.__dict__["_fused"] = None
+        self.__dict__["_rng_replay"] = None
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus the optimizer-wide counters under ``state_keys.COUNTERS``."""
@@ -453,7 +507,11 @@ class Sassha(Optimizer):
         """Load a Sassha state dict; ``m`` and ``D`` keep their fp32 precision for low-precision params.
 
         A state dict without counters (an older format) derives them from the
-        per-parameter state.
+        per-parameter state. A parameter's state without the frozen ``"global_step"``
+        correction (``state_keys.HESSIAN_CORRECTION``, saved since 0.2) derives it as if the
+        parameter had been refreshed on the regular schedule: at its step
+        :math:`t_r = t - ((t - 1) \bmod k)`, with the power ``hessian_power(t_r)``; exact for
+        runs whose parameters took part in every step.
         """
         if self._pending is not None:
             raise RuntimeError("load_state_dict() inside a step (between perturb() and update()).")
@@ -485,10 +543,13 @@ class Sassha(Optimizer):
                     f"for a parameter of shape {tuple(param.shape)}; was it saved for another model?"
                 )
         super().load_state_dict(state_dict)
+        beta2_of = {id(p): g["betas"][1] for g in self.param_groups for p in g["params"]}
         for saved_id, param in zip(saved_ids, params, strict=False):
             saved = saved_state.get(saved_id)
             if saved is None:
                 continue
+            if keys.HESSIAN_CORRECTION not in saved:
+                saved = {**saved, **self._regular_correction(saved, beta2_of[id(param)])}
             # torch casts floating state to the parameter's dtype and may alias the
             # caller's tensors: keep m and D in the state dtype and counters in fp32, as copies.
             for key, dtype in (
@@ -496,6 +557,8 @@ class Sassha(Optimizer):
                 (keys.HESSIAN_DIAG, state_dtype(param.dtype)),
                 (keys.STEP, torch.float32),
                 (keys.HESSIAN_UPDATES, torch.float32),
+                (keys.HESSIAN_CORRECTION, torch.float64),
+                (keys.HESSIAN_CORRECTION_POWER, torch.float64),
             ):
                 self.state[param][key] = torch.as_tensor(saved[key]).to(
                     device=param.device if key in (keys.MOMENTUM, keys.HESSIAN_DIAG) else "cpu",
@@ -512,6 +575,17 @@ class Sassha(Optimizer):
             }
         self.counters = {
             k: int(counters[k]) for k in (keys.GLOBAL_STEP, keys.HESSIAN_REFRESHES, keys.SKIPPED_STEPS)
+        }
+
+    def _regular_correction(self, saved: dict[str, Any], beta2: float) -> dict[str, float]:
+        """The frozen correction of an older state dict, as if refreshed every k steps (see load)."""
+        step, refreshes = int(saved[keys.STEP]), int(saved[keys.HESSIAN_UPDATES])
+        if refreshes == 0 or step == 0:
+            return {keys.HESSIAN_CORRECTION: 1.0, keys.HESSIAN_CORRECTION_POWER: 1.0}
+        refresh_step = step - (step - 1) % self.options.lazy_hessian
+        return {
+            keys.HESSIAN_CORRECTION: 1.0 - beta2**refresh_step,
+            keys.HESSIAN_CORRECTION_POWER: self.options.power_at(refresh_step),
         }
 
     # -- the one-call step ----------------------------------------------------------------
@@ -532,28 +606,62 @@ class Sassha(Optimizer):
 
     # -- the passes -----------------------------------------------------------------------
 
+    def rho_at(self, group: dict[str, Any], step: int) -> float:
+        """``group``'s radius on (1-based) ``step``; a schedule is checked on every call."""
+        rho = group["rho"]
+        return _check_rho(rho(step), f"rho({step})") if callable(rho) else float(rho)
+
+    def one_pass_due(self) -> bool:
+        """Whether the next step has ``rho = 0`` in every group, so one pass serves as both passes.
+
+        With :math:`\\rho = 0`, :math:`\\theta + \\epsilon = \\theta`: the gradient at
+        :math:`\\theta` is the perturbed gradient, and on exact-Hessian steps the products are
+        fused into that one pass.
+        """
+        step = self.counters[keys.GLOBAL_STEP] + 1
+        return all(self.rho_at(group, step) == 0.0 for group in self.param_groups if group["params"])
+
     def gradient_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
-        """Zero the gradients and accumulate the gradient at the current parameters; returns the loss."""
+        """Zero the gradients and accumulate the gradient at the current parameters; returns the loss.
+
+        On a one-pass step (:meth:`one_pass_due`) that is due an exact Hessian, the
+        Hessian-vector products come from this pass's graph.
+        """
         if self._pending is not None:
             raise RuntimeError("gradient_pass() inside a step: call update() or cancel() first.")
         self.zero_grad(set_to_none=True)
-        backward = self.strategy.local_backward if self.options.local_perturbation else self.strategy.backward
-        return self._backward_all(_as_closures(closure), self._trainable_params(), backward)
+        self._fused = None
+        self._start_rng_replay()
+        closures = _as_closures(closure)
+        params = self._trainable_params()
+        one_pass = self.one_pass_due()
+        if one_pass and self.hessian_method == HESSIAN_EXACT and self._hessian_due(params):
+            loss, self._fused = self._fused_exact_pass(params, closures)
+            return loss
+        # The authors' local perturbation only concerns the ascent; a one-pass gradient is the update's.
+        local = self.options.local_perturbation and not one_pass
+        backward = self.strategy.local_backward if local else self.strategy.backward
+        return self._backward_all(closures, params, backward)
 
     @torch.no_grad()
     def perturb(self, loss: torch.Tensor | None = None) -> None:
         """Move each parameter with a gradient to :math:`\\theta + \\epsilon`, saving :math:`\\theta` exactly.
 
         Reads the gradient at :math:`\\theta` from ``p.grad``; ``loss`` (optional)
-        joins the finiteness check.
+        joins the finiteness check. On a one-pass step nothing moves, and :math:`\\theta` is
+        saved only if finite differences will move it.
         """
         if self._pending is not None:
             raise RuntimeError("perturb() called twice: call update() or cancel() to finish the step first.")
+        self._start_step(*self._members(), loss, one_pass=self.one_pass_due())
+
+    def _members(self, *, every: bool = False) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """The step's parameters (with a gradient, or ``every`` one), their ordinals and groups."""
         params, probe_indices, group_indices = [], [], []
         ordinal = 0
         for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if self.strategy.has_gradient(p):
+                if every or self.strategy.has_gradient(p):
                     if p.grad is not None and p.grad.is_sparse:
                         raise RuntimeError(
                             "Sassha does not support sparse gradients; build the layer with dense "
@@ -563,34 +671,59 @@ class Sassha(Optimizer):
                     probe_indices.append(ordinal)
                     group_indices.append(group_index)
                 ordinal += 1
+        return params, probe_indices, group_indices
+
+    def _start_step(
+        self,
+        params: list[torch.Tensor],
+        probe_indices: list[int],
+        group_indices: list[int],
+        loss: torch.Tensor | None,
+        *,
+        one_pass: bool,
+        gradients: bool = True,
+    ) -> None:
+        """Begin the step over ``params``: the gradient norm, and the perturbation unless ``one_pass``.
+
+        ``gradients=False``: no gradient at theta exists yet (the ZeRO driver's one-pass step takes
+        its only pass last); the norm and its check are then the caller's.
+        """
         local_params = [self.strategy.local(p) for p in params]
-        grads = self._local_grads(params, local_params)
         report = StepReport(loss=None if loss is None else loss.detach())
-        hessian_due = bool(params) and (
-            self.counters[keys.GLOBAL_STEP] % self.options.lazy_hessian == 0
-            or any(int(self.state[p].get(keys.HESSIAN_UPDATES, 0)) == 0 for p in params)
+        hessian_due = self._hessian_due(params)
+        pending = _PendingStep(
+            params, local_params, probe_indices, group_indices, [], hessian_due, report, one_pass=one_pass
         )
-        pending = _PendingStep(params, local_params, probe_indices, group_indices, [], hessian_due, report)
         if loss is not None:
             pending.checks.append(("loss", _finite(loss.detach())))
-        if params:
+        fused, self._fused = self._fused, None
+        if fused is not None and hessian_due:
+            position = {id(p): i for i, p in enumerate(fused.params)}
+            pending.estimates = [fused.estimates[position[id(p)]] for p in params]
+            pending.checks.append(("Hessian estimate", self._all_finite(pending.estimates)))
+        if params and gradients:
+            grads = self._local_grads(params, local_params)
             sq_norm = perturbation_sq_norm(
                 local_params, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
             )
             grad_norm = self.strategy.sum_scalar(sq_norm).sqrt()
             report.grad_norm = grad_norm
             pending.checks.append(("gradient", _finite(grad_norm)))
-            denominator = grad_norm + self.options.perturb_eps
-            group_scales = [group["rho"] / denominator for group in self.param_groups]
-            pending.theta = [p.detach().clone() for p in local_params]
-            apply_perturbation(
-                local_params,
-                grads,
-                # on each parameter's device: a group may mix devices (the norm lives on the first's)
-                [group_scales[g].to(p.device) for g, p in zip(group_indices, local_params, strict=True)],
-                adaptive=self.options.adaptive,
-                foreach=self.options.foreach,
-            )
+            if not one_pass:
+                step = self.counters[keys.GLOBAL_STEP] + 1
+                denominator = grad_norm + self.options.perturb_eps
+                group_scales = [self.rho_at(group, step) / denominator for group in self.param_groups]
+                pending.theta = [p.detach().clone() for p in local_params]
+                apply_perturbation(
+                    local_params,
+                    grads,
+                    # on each parameter's device: a group may mix devices (the norm lives on the first's)
+                    [group_scales[g].to(p.device) for g, p in zip(group_indices, local_params, strict=True)],
+                    adaptive=self.options.adaptive,
+                    foreach=self.options.foreach,
+                )
+        if one_pass and hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE:
+            pending.theta = [p.detach().clone() for p in local_params]  # the passes move theta
         self._pending = pending
 
     def perturbed_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
@@ -598,11 +731,18 @@ class Sassha(Optimizer):
 
         The exact Hutchinson estimate reuses this pass's graph: one forward,
         the gradient with ``create_graph=True``, then one double backward per probe.
+        On a one-pass step the gradient pass already was this pass: nothing runs, unless
+        an exact Hessian is due and the gradient came from elsewhere (then this pass adds it).
         """
         pending = self._require_pending("perturbed_pass")
         closures = _as_closures(closure)
+        exact_due = pending.hessian_due and self.hessian_method == HESSIAN_EXACT
+        if pending.one_pass and not (exact_due and pending.estimates is None):
+            pending.report.perturbed_loss = pending.report.loss
+            return pending.report.loss
+        self._start_rng_replay(fresh=False)
         self.zero_grad(set_to_none=True)
-        if pending.hessian_due and self.hessian_method == HESSIAN_EXACT:
+        if exact_due:
             loss = self._exact_hessian_pass(pending, closures)
         else:
             loss = self._backward_all(closures, pending.params)
@@ -672,10 +812,11 @@ class Sassha(Optimizer):
         """Restore :math:`\\theta` exactly, then update, or skip the step if anything was non-finite."""
         pending = self._require_pending("update")
         self._pending = None
+        self._finish_rng_replay()
         # torch's LR schedulers warn about "lr_scheduler.step() before optimizer.step()" unless
         # this is set (their wrapper of step() sets it); update() ends a step as step() does.
         self._opt_called = True
-        if pending.params:
+        if pending.theta:
             torch._foreach_copy_(pending.locals, pending.theta)
             pending.theta = []  # free the copy before the update kernel's temporaries
         report = pending.report
@@ -725,8 +866,13 @@ class Sassha(Optimizer):
             if not members:
                 continue
             states = [self.state[params[i]] for i in members]
+            hyper = self._hyperparameters(group, power)
             for s in states:
                 s[keys.STEP] += 1
+                if pending.hessian_due:
+                    # The authors' correction of D, frozen until the next refresh ("global_step").
+                    s[keys.HESSIAN_CORRECTION].fill_(1.0 - hyper.beta2 ** int(s[keys.STEP]))
+                    s[keys.HESSIAN_CORRECTION_POWER].fill_(power)
             member_params = [params[i] for i in members]
             member_locals = [pending.locals[i] for i in members]
             sassha_update(
@@ -735,8 +881,15 @@ class Sassha(Optimizer):
                 [local(s[keys.MOMENTUM]) for s in states],
                 [local(s[keys.HESSIAN_DIAG]) for s in states],
                 [int(s[keys.STEP]) for s in states],
-                [int(s[keys.HESSIAN_UPDATES]) for s in states],
-                self._hyperparameters(group, power),
+                [
+                    hyper.hessian_correction(
+                        int(s[keys.HESSIAN_UPDATES]),
+                        float(s[keys.HESSIAN_CORRECTION]),
+                        float(s[keys.HESSIAN_CORRECTION_POWER]),
+                    )
+                    for s in states
+                ],
+                hyper,
                 foreach=self.options.foreach,
             )
         self.counters[keys.GLOBAL_STEP] = global_step
@@ -746,7 +899,9 @@ class Sassha(Optimizer):
     def cancel(self) -> None:
         """Abandon a started step: restore :math:`\\theta` exactly, leave state untouched."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending.params:
+        self._fused = None
+        self._finish_rng_replay()
+        if pending is not None and pending.theta:
             torch._foreach_copy_(pending.locals, pending.theta)
 
     # -- diagnostics ----------------------------------------------------------------------
@@ -804,6 +959,28 @@ class Sassha(Optimizer):
             raise RuntimeError(f"{method}() outside a step: call perturb() first (or use step(closure)).")
         return self._pending
 
+    def _start_rng_replay(self, *, fresh: bool = True) -> None:
+        """Record (or, ``fresh=False``, keep recording) the random-number state of this step's passes."""
+        if self.options.replay_rng and (fresh or self._rng_replay is None):
+            self._rng_replay = RngReplay(self._trainable_params())
+
+    def _finish_rng_replay(self) -> None:
+        replay, self._rng_replay = self._rng_replay, None
+        if replay is not None:
+            replay.finish()
+
+    def evaluate_in_step(self, closure: Closure, index: int) -> torch.Tensor:
+        """Micro-batch ``index``'s loss, with this step's random numbers (``replay_rng``) replayed.
+
+        For drivers that run the passes through an engine (the ZeRO driver): every closure
+        call of a step goes through here, so dropout draws the same masks in every pass.
+        """
+        replay = self._rng_replay
+        if replay is None:
+            return _evaluate(closure)
+        with replay.around(index):
+            return _evaluate(closure)
+
     def _backward_all(
         self,
         closures: list[Closure],
@@ -812,35 +989,37 @@ class Sassha(Optimizer):
     ) -> torch.Tensor:
         backward = backward or self.strategy.backward
         total = None
-        for closure in closures:
-            loss = _evaluate(closure)
+        for index, closure in enumerate(closures):
+            loss = self.evaluate_in_step(closure, index)
             backward(loss, params)
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
-    def _exact_hessian_pass(self, pending: _PendingStep, closures: list[Closure]) -> torch.Tensor:
-        """Perturbed gradient and exact Hutchinson estimate from one graph per micro-batch.
+    def _exact_products(
+        self, params: list[torch.Tensor], probe_indices: list[int], closures: list[Closure]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[bool]]:
+        """Gradient and exact Hutchinson estimate from one graph per micro-batch.
 
         Differentiates with respect to the strategy's full parameter tensors (the
         parameters themselves, or FSDP2's unsharded copies), with whole-tensor
-        probes, then lets the strategy average over ranks and return local shards.
+        probes, then lets the strategy average over ranks. Returns the loss, the reduced
+        gradients, the local estimates and, per parameter, whether this rank's graph reached it.
         """
-        params = pending.params
         samples = self.options.n_samples
         # Sums over micro-batches and samples, started from the first term (no zero-filled buffers).
         estimates: list[torch.Tensor] = []
-        perturbed_grads: list[torch.Tensor] = []
+        gradients: list[torch.Tensor] = []
         probe_sets: list[list[torch.Tensor]] = []
+        used = [False] * len(params)
         total = None
         with self.strategy.exact_hessian_context():
-            for closure in closures:
-                loss = _evaluate(closure)
+            for index, closure in enumerate(closures):
+                loss = self.evaluate_in_step(closure, index)
                 inputs = self.strategy.differentiable_params(params)
                 if not probe_sets:
-                    probe_sets = [
-                        self._whole_probes(inputs, pending.probe_indices, s) for s in range(samples)
-                    ]
+                    probe_sets = [self._whole_probes(inputs, probe_indices, s) for s in range(samples)]
                 grads = self.strategy.gradients_with_graph(loss, inputs)
+                used = [u or g is not None for u, g in zip(used, grads, strict=True)]
                 grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
                 for sample, probes in enumerate(probe_sets):
                     products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
@@ -849,16 +1028,49 @@ class Sassha(Optimizer):
                     signs = [z.to(hv.dtype) for z, hv in zip(probes, products, strict=True)]
                     estimates = accumulate_hutchinson_(estimates, signs, products, 1.0 / samples)
                 with torch.no_grad():
-                    if perturbed_grads:
-                        torch._foreach_add_(perturbed_grads, [g.detach() for g in grads])
+                    if gradients:
+                        torch._foreach_add_(gradients, [g.detach() for g in grads])
                     else:
-                        perturbed_grads = [g.detach() for g in grads]
+                        gradients = [g.detach() for g in grads]
                 total = loss.detach() if total is None else total + loss.detach()
-        for p, g in zip(params, self.strategy.reduce_exact(params, perturbed_grads), strict=True):
+        reduced = self.strategy.reduce_exact(params, gradients)
+        local_estimates = [self.strategy.local(e) for e in self.strategy.reduce_exact(params, estimates)]
+        return total, reduced, local_estimates, used
+
+    def _exact_hessian_pass(self, pending: _PendingStep, closures: list[Closure]) -> torch.Tensor:
+        """Perturbed gradient into ``p.grad`` and the exact estimate into ``pending``, in one pass."""
+        loss, grads, estimates, _ = self._exact_products(pending.params, pending.probe_indices, closures)
+        for p, g in zip(pending.params, grads, strict=True):
             p.grad = g
-        pending.estimates = [self.strategy.local(e) for e in self.strategy.reduce_exact(params, estimates)]
-        pending.checks.append(("Hessian estimate", self._all_finite(pending.estimates)))
-        return total
+        pending.estimates = estimates
+        pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
+        return loss
+
+    def _fused_exact_pass(
+        self, params: list[torch.Tensor], closures: list[Closure]
+    ) -> tuple[torch.Tensor, _FusedEstimate]:
+        """A one-pass step's gradient at theta with the exact estimate fused into it.
+
+        A parameter takes part, as after an ordinary gradient pass, if some rank's graph
+        reached it (one flag all-reduce): the others keep ``p.grad = None``.
+        """
+        ordinals = {id(p): i for i, p in enumerate(self._all_params())}
+        loss, grads, estimates, used = self._exact_products(
+            params, [ordinals[id(p)] for p in params], closures
+        )
+        unused = torch.tensor([not u for u in used], device=grads[0].device if grads else None)
+        takes_part = [not flag for flag in self.strategy.all_true(unused).tolist()]
+        for p, g, part in zip(params, grads, takes_part, strict=True):
+            p.grad = g if part else None
+        members = [i for i, part in enumerate(takes_part) if part]
+        return loss, _FusedEstimate([params[i] for i in members], [estimates[i] for i in members])
+
+    def _hessian_due(self, params: list[torch.Tensor]) -> bool:
+        """Whether a step over ``params`` refreshes the Hessian: every k steps, and for new parameters."""
+        return bool(params) and (
+            self.counters[keys.GLOBAL_STEP] % self.options.lazy_hessian == 0
+            or any(int(self.state.get(p, {}).get(keys.HESSIAN_UPDATES, 0)) == 0 for p in params)
+        )
 
     def _probe_rank(self) -> int:
         return self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
@@ -1034,6 +1246,8 @@ class Sassha(Optimizer):
         state[keys.HESSIAN_DIAG] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state[keys.STEP] = torch.tensor(0.0)
         state[keys.HESSIAN_UPDATES] = torch.tensor(0.0)
+        state[keys.HESSIAN_CORRECTION] = torch.tensor(1.0, dtype=torch.float64)
+        state[keys.HESSIAN_CORRECTION_POWER] = torch.tensor(1.0, dtype=torch.float64)
 
     def _hyperparameters(self, group: dict[str, Any], power: float) -> UpdateHyperparameters:
         beta1, beta2 = group["betas"]
@@ -1047,28 +1261,30 @@ class Sassha(Optimizer):
             eps_placement=self.options.eps_placement,
             bias_correction=self.options.bias_correction,
             weight_decay_mode=self.options.weight_decay_mode,
+            momentum_bias_correction=self.options.momentum_bias_correction,
         )
 
 
 def _validate_group(group: dict[str, Any]) -> None:
     """Check one parameter group's hyperparameters; errors name the value and the fix."""
-    lr, rho, eps, weight_decay = group["lr"], group["rho"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr of shape {tuple(lr.shape)}. Must be a float or a 1-element tensor.")
-        lr = float(lr)
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Invalid lr of shape {tuple(lr.shape)}. Must be a float or a 1-element tensor.")
+    lr = _check_number("lr", lr)
     if not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid {lr=}. Must be >= 0 and finite.")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid {betas=}. Must be a pair (beta1, beta2).")
     for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
+        if not 0.0 <= _check_number(f"betas[{i}]", beta) < 1.0:
             raise ValueError(f"Invalid betas[{i}]={beta!r}. Must be in [0, 1).")
+    weight_decay = _check_number("weight_decay", group["weight_decay"])
     if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid {weight_decay=}. Must be >= 0 and finite.")
-    if not 0.0 <= rho < math.inf:
-        raise ValueError(f"Invalid {rho=}. Must be >= 0 and finite.")
+    if not callable(group["rho"]):
+        _check_rho(group["rho"])
+    eps = _check_number("eps", group["eps"])
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid {eps=}. Must be >= 0 and finite.")
 

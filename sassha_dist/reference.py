@@ -9,18 +9,22 @@ and ``f = mean_r f_r``.
 One step (``t`` = steps taken so far, ``n`` = Hessian updates so far)::
 
     g_r  = ∇f_r(θ)                      g = mean_r g_r
-    s    = |θ| if adaptive else 1       e = ρ · s² · g / (‖s ⊙ g‖₂ + perturb_eps)   (norm over all params)
+    s    = |θ| if adaptive else 1       e = ρ · s² · g / (‖s ⊙ g‖₂ + perturb_eps)   (norm over all params;
+                                        ρ = rho(t + 1) for a schedule, per group)
                                         (local_perturbation: rank r uses its own g_r, giving e_r)
     θ'_r = θ + e                        gt = mean_r ∇f_r(θ'_r)
+    k    = hessian_power(t + 1) or hessian_power
     if t % lazy_hessian == 0:           (Hutchinson, S = n_samples Rademacher probes z_{r,s})
         Ht = mean_r (1/S) Σ_s z_{r,s} ⊙ (H_r(θ'_r) z_{r,s})
         D  = β₂ D + (1 - β₂) |Ht|       n = n + 1
+        c_r, k_r = 1 - β₂^(t+1), k      (the authors' correction, frozen until the next refresh)
     t    = t + 1
-    m    = β₁ m + (1 - β₁) gt           m̂ = m / (1 - β₁ᵗ)
-    bc₂  = 1 - β₂ⁿ | 1 - β₂ᵗ | 1        (bias_correction = hessian_updates | global_step | none)
-    k    = hessian_power(t) or hessian_power
-    den  = (D / bc₂)ᵏ + ε               (eps_placement = after_power)
-         | (D / bc₂ + ε)ᵏ               (eps_placement = inside_power)
+    m    = β₁ m + (1 - β₁) gt           m̂ = m / (1 - β₁ᵗ)   (m̂ = m without momentum_bias_correction)
+    (in, out) = (1 - β₂ⁿ, (1 - β₂ⁿ)ᵏ)   (bias_correction = hessian_updates)
+              | (c_r, c_rᵏʳ)             (global_step, the authors' rule)
+              | (1, 1)                   (none)
+    den  = Dᵏ / out + ε                 (eps_placement = after_power)
+         | (D / in + ε)ᵏ                (eps_placement = inside_power)
     θ    = θ - lr · m̂ / den - lr · wd · θ   (weight_decay_mode = lr_scaled; lr_independent drops the lr)
 
 Probes: ``z_{r,s}`` for parameter ``i`` is ``rademacher(probe_key(seed, n, i, s, rank=r))`` with
@@ -86,6 +90,7 @@ class ReferenceConfig:
     weight_decay_mode: str = "lr_scaled"
     probe_mode: str = "per_rank"
     local_perturbation: bool = False
+    momentum_bias_correction: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -137,6 +142,7 @@ class ReferenceSassha:
         self.step_count = 0
         self.hessian_updates = 0
         self.skipped_steps = 0
+        self.refresh_power = 1.0  # k_r of the last refresh; c_r is kept per group
 
     # ----------------------------------------------------------------------------------- helpers
     def _write(self, point: Tensors) -> None:
@@ -169,12 +175,18 @@ class ReferenceSassha:
             for i, (p, d) in enumerate(zip(self.params, self.state_dtypes))
         ]
 
-    def _perturbation(self, grads: Tensors, theta: Tensors) -> Tensors:
-        """``e = ρ · s² · g / (‖s ⊙ g‖₂ + perturb_eps)`` with ``s = |θ|`` (adaptive) or 1; one global norm."""
+    def _perturbation(self, grads: Tensors, theta: Tensors, step: int) -> Tensors:
+        """``e = ρ · s² · g / (‖s ⊙ g‖₂ + perturb_eps)`` with ``s = |θ|`` (adaptive) or 1; one global norm.
+
+        ``ρ`` is the group's ``rho``, or ``rho(step)`` for a schedule (1-based ``step``).
+        """
         scale = [x.abs() if self.config.adaptive else torch.ones_like(x) for x in theta]
         norm = torch.sqrt(sum(((s * g) ** 2).sum() for s, g in zip(scale, grads)))
         return [
-            group["rho"] * s**2 * g / (norm + self.config.perturb_eps)
+            (group["rho"](step) if callable(group["rho"]) else group["rho"])
+            * s**2
+            * g
+            / (norm + self.config.perturb_eps)
             for group, s, g in zip(self.group_of, scale, grads)
         ]
 
@@ -248,9 +260,9 @@ class ReferenceSassha:
 
         # 2-3. θ'_r = θ + e (or θ + e_r); gt = mean_r ∇f_r(θ'_r); 4. Ht = mean_r (1/S) Σ_s z ⊙ H_r z
         if cfg.local_perturbation:
-            points = [_axpy(theta, 1.0, self._perturbation(g_r, theta)) for g_r in grads]
+            points = [_axpy(theta, 1.0, self._perturbation(g_r, theta, t + 1)) for g_r in grads]
         else:
-            points = [_axpy(theta, 1.0, self._perturbation(g, theta))] * W
+            points = [_axpy(theta, 1.0, self._perturbation(g, theta, t + 1))] * W
         hessian_step = t % cfg.lazy_hessian == 0
         results = [self._perturbed_rank(loss_fn, points[r], batches[r], r, n, hessian_step) for r in range(W)]
         gt = _mean([grad_r for _, grad_r, _ in results])
@@ -263,19 +275,25 @@ class ReferenceSassha:
             n += 1
         t += 1
         power = cfg.hessian_power(t) if callable(cfg.hessian_power) else cfg.hessian_power
+        if hessian_step:
+            self.refresh_power = power  # with c_r = 1 - β₂ᵗ per group, below
         for i, group in enumerate(self.group_of):
             beta1, beta2 = group["betas"]
             self.m[i] = beta1 * self.m[i] + (1 - beta1) * gt[i]  # m = β₁ m + (1 - β₁) gt
             if hessian_step:
                 self.D[i] = beta2 * self.D[i] + (1 - beta2) * ht[i].abs()  # D = β₂ D + (1 - β₂)|Ht|
-            m_hat = self.m[i] / (1 - beta1**t)  # m̂ = m / (1 - β₁ᵗ)
-            bc2 = {"hessian_updates": 1 - beta2**n, "global_step": 1 - beta2**t, "none": 1.0}[
-                cfg.bias_correction
-            ]
+                group["refresh_correction"] = 1 - beta2**t  # c_r, frozen until the next refresh
+            m_hat = self.m[i] / (1 - beta1**t) if cfg.momentum_bias_correction else self.m[i]
+            c_r = group.get("refresh_correction", 1.0)
+            inside, after = {
+                "hessian_updates": (1 - beta2**n, (1 - beta2**n) ** power),
+                "global_step": (c_r, c_r**self.refresh_power),
+                "none": (1.0, 1.0),
+            }[cfg.bias_correction]
             if cfg.eps_placement == "after_power":
-                denom = (self.D[i] / bc2) ** power + group["eps"]  # (D / bc₂)ᵏ + ε
+                denom = self.D[i] ** power / after + group["eps"]  # Dᵏ / out + ε
             else:
-                denom = (self.D[i] / bc2 + group["eps"]) ** power  # (D / bc₂ + ε)ᵏ
+                denom = (self.D[i] / inside + group["eps"]) ** power  # (D / in + ε)ᵏ
             decay_rate = group["weight_decay"] * (
                 group["lr"] if cfg.weight_decay_mode == "lr_scaled" else 1.0
             )

@@ -1,4 +1,4 @@
-"""Names of the optimizer's state entries, in one place.
+r"""Names of the optimizer's state entries, in one place.
 
 Per-parameter state (``optimizer.state[p]``):
 
@@ -6,6 +6,11 @@ Per-parameter state (``optimizer.state[p]``):
 * ``HESSIAN_DIAG``: ``D``, the EMA of ``|Hutchinson estimate|`` (same dtype as ``m``).
 * ``STEP``: updates this parameter has received (bias correction of ``m``).
 * ``HESSIAN_UPDATES``: refreshes of this parameter's ``D`` (bias correction of ``D``).
+* ``HESSIAN_CORRECTION``, ``HESSIAN_CORRECTION_POWER``: :math:`1-\beta_2^{t_r}` and the Hessian
+  power at this parameter's last refresh (:math:`t_r` its step then), which
+  ``bias_correction="global_step"`` (the authors' rule) holds until the next refresh. Optional
+  when loading: a state dict without them derives them from ``STEP`` (see
+  ``Sassha.load_state_dict``).
 
 Optimizer-wide counters (``state_dict()[COUNTERS]``) decide the Hessian
 schedule and the probe stream, which must be global, not per parameter:
@@ -19,6 +24,8 @@ MOMENTUM = "momentum"
 HESSIAN_DIAG = "hessian_diag"
 STEP = "step"
 HESSIAN_UPDATES = "hessian_updates"
+HESSIAN_CORRECTION = "hessian_correction"
+HESSIAN_CORRECTION_POWER = "hessian_correction_power"
 
 COUNTERS = "sassha_counters"
 GLOBAL_STEP = "global_step"

@@ -118,13 +118,18 @@ UPDATE_COMBOS = list(
         ("lr_scaled", "lr_independent"),
         (0.0, 0.1),  # weight decay off (the kernel skips the multiply) and on
         (0.5, 1.0, 0.8),
+        (True, False),  # bias correction of m
     )
 )
 
 
 @pytest.mark.parametrize("kind", list(DTYPES))
-@pytest.mark.parametrize("eps_placement, bias_correction, wd_mode, weight_decay, power", UPDATE_COMBOS)
-def test_sassha_update(kind, eps_placement, bias_correction, wd_mode, weight_decay, power):
+@pytest.mark.parametrize(
+    "eps_placement, bias_correction, wd_mode, weight_decay, power, momentum_correction", UPDATE_COMBOS
+)
+def test_sassha_update(
+    kind, eps_placement, bias_correction, wd_mode, weight_decay, power, momentum_correction
+):
     dtypes = DTYPES[kind]
     params = _tensors(dtypes, 5)
     grads = _tensors(dtypes, 6)  # perturbed gradients come in the param dtype
@@ -132,6 +137,7 @@ def test_sassha_update(kind, eps_placement, bias_correction, wd_mode, weight_dec
     diags = _tensors(dtypes, 8, positive=True, as_state=True)
     steps = [5, 5, 1, 12, 3, 5]  # per-tensor counters, as with params that joined late
     hessian_updates = [2, 2, 1, 4, 1, 2]
+    refresh_steps = [1, 1, 1, 11, 1, 1]  # each tensor's step at its last refresh ("global_step")
     hyper = UpdateHyperparameters(
         lr=0.07,
         beta1=0.9,
@@ -142,11 +148,15 @@ def test_sassha_update(kind, eps_placement, bias_correction, wd_mode, weight_dec
         eps_placement=eps_placement,
         bias_correction=bias_correction,
         weight_decay_mode=wd_mode,
+        momentum_bias_correction=momentum_correction,
     )
+    corrections = [
+        hyper.hessian_correction(n, 1.0 - 0.999**t, 0.7) for n, t in zip(hessian_updates, refresh_steps)
+    ]
     runs = []
     for foreach in (False, True):
         p, m = _clone(params), _clone(momenta)
-        sassha_update(p, grads, m, _clone(diags), steps, hessian_updates, hyper, foreach=foreach)
+        sassha_update(p, grads, m, _clone(diags), steps, corrections, hyper, foreach=foreach)
         runs.append(p + m)
     _assert_equal(*runs)
     for p0, p1 in zip(params, runs[0][: len(params)], strict=True):

@@ -87,22 +87,29 @@ def _closed_form(
     m = [torch.zeros_like(x) for x in theta]
     D = [torch.zeros_like(x) for x in theta]
     n = 0
+    c_r = p_r = 1.0  # the authors' correction, frozen at each refresh: 1 - b2^t_r and the power then
     for t in range(1, steps + 1):
         g = [a * x + b for x, (a, b) in zip(theta, coeffs, strict=True)]
         s = [x.abs() if adaptive else torch.ones_like(x) for x in theta]
         norm = math.sqrt(sum(float(((si * gi) ** 2).sum()) for si, gi in zip(s, g, strict=True)))
         e = [rho * si**2 * gi / (norm + perturb_eps) for si, gi in zip(s, g, strict=True)]
         gt = [a * (x + ei) + b for x, ei, (a, b) in zip(theta, e, coeffs, strict=True)]
+        p = hessian_power(t) if callable(hessian_power) else hessian_power
         if (t - 1) % lazy_hessian == 0:
             D = [b2 * Di + (1 - b2) * a.abs() for Di, (a, _) in zip(D, coeffs, strict=True)]
             n += 1
+            c_r, p_r = 1 - b2**t, p
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, gt, strict=True)]
-        p = hessian_power(t) if callable(hessian_power) else hessian_power
-        c2 = {"hessian_updates": 1 - b2**n, "global_step": 1 - b2**t, "none": 1.0}[bias_correction]
+        # what divides D inside the power, and D^p after it
+        inside, after = {
+            "hessian_updates": (1 - b2**n, (1 - b2**n) ** p),
+            "global_step": (c_r, c_r**p_r),
+            "none": (1.0, 1.0),
+        }[bias_correction]
         lam = weight_decay * (lr if weight_decay_mode == "lr_scaled" else 1.0)
         new = []
         for x, mi, Di in zip(theta, m, D, strict=True):
-            den = (Di / c2) ** p + eps if eps_placement == "after_power" else (Di / c2 + eps) ** p
+            den = Di**p / after + eps if eps_placement == "after_power" else (Di / inside + eps) ** p
             new.append(x - lr * (mi / (1 - b1**t)) / den - lam * x)
         theta = new
     return theta
@@ -483,7 +490,7 @@ def test_update_is_applied_to_the_saved_theta(dtype, foreach):
             m_prev,
             [s[keys.HESSIAN_DIAG].clone() for s in states],
             [int(s[keys.STEP]) for s in states],
-            [int(s[keys.HESSIAN_UPDATES]) for s in states],
+            [hyper.hessian_correction(int(s[keys.HESSIAN_UPDATES]), 1.0, 1.0) for s in states],
             hyper,
             foreach=foreach,
         )

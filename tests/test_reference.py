@@ -45,24 +45,30 @@ def closed_form(theta, coeffs, cfg: ReferenceConfig, lrs, steps: int):
     D = [torch.zeros_like(x) for x in theta]
     b1, b2 = cfg.betas
     n = 0
+    c_r = k_r = 1.0  # the authors' correction, frozen at each refresh: 1 - b2^t_r and the power then
     for t in range(1, steps + 1):
         g = [a * x + b for x, (a, b) in zip(theta, coeffs)]
         s = [x.abs() if cfg.adaptive else torch.ones_like(x) for x in theta]
         norm = math.sqrt(sum(float(((si * gi) ** 2).sum()) for si, gi in zip(s, g)))
         e = [cfg.rho * si**2 * gi / (norm + cfg.perturb_eps) for si, gi in zip(s, g)]
         gt = [a * (x + ei) + b for x, ei, (a, b) in zip(theta, e, coeffs)]
+        k = cfg.hessian_power(t) if callable(cfg.hessian_power) else cfg.hessian_power
         if (t - 1) % cfg.lazy_hessian == 0:
             D = [b2 * Di + (1 - b2) * a.abs() for Di, (a, _) in zip(D, coeffs)]
             n += 1
+            c_r, k_r = 1 - b2**t, k
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, gt)]
-        k = cfg.hessian_power(t) if callable(cfg.hessian_power) else cfg.hessian_power
-        bc2 = {"hessian_updates": 1 - b2**n, "global_step": 1 - b2**t, "none": 1.0}[cfg.bias_correction]
+        inside, after = {  # what divides D inside the power, and D^k after it
+            "hessian_updates": (1 - b2**n, (1 - b2**n) ** k),
+            "global_step": (c_r, c_r**k_r),
+            "none": (1.0, 1.0),
+        }[cfg.bias_correction]
         new = []
         for x, mi, Di, lr in zip(theta, m, D, lrs):
             if cfg.eps_placement == "after_power":
-                den = (Di / bc2) ** k + cfg.eps
+                den = Di**k / after + cfg.eps
             else:
-                den = (Di / bc2 + cfg.eps) ** k
+                den = (Di / inside + cfg.eps) ** k
             wd = cfg.weight_decay * (lr if cfg.weight_decay_mode == "lr_scaled" else 1.0)
             new.append(x - lr * (mi / (1 - b1**t)) / den - wd * x)
         theta = new

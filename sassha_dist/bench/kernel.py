@@ -117,7 +117,8 @@ def measure(
             for _ in range(n):
                 counter["step"] += 1
                 steps = [counter["step"]] * len(params)
-                sassha_update(params, grads, momenta, diags, steps, [1] * len(params), hyper, foreach=foreach)
+                corrections = [hyper.hessian_correction(1, 1.0, 1.0)] * len(params)
+                sassha_update(params, grads, momenta, diags, steps, corrections, hyper, foreach=foreach)
 
         contestants.append(Contestant(f"SASSHA {'foreach' if foreach else 'for-loop'}", sassha))
 

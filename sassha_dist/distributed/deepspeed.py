@@ -105,6 +105,7 @@ from sassha_dist.optimizer import (
     PROBES_GLOBAL,
     Sassha,
     StepReport,
+    _as_closures,
     _PendingStep,
 )
 
@@ -358,10 +359,11 @@ class ZeroSassha(Sassha):
             locals=[pending.locals[i] for i in members],
             probe_indices=[pending.probe_indices[i] for i in members],
             group_indices=group_indices,
-            theta=[pending.theta[i] for i in members],
+            theta=[pending.theta[i] for i in members] if pending.theta else [],
             hessian_due=pending.hessian_due,
             report=pending.report,
             estimates=None if pending.estimates is None else [pending.estimates[i] for i in members],
+            one_pass=pending.one_pass,
         )
         # update() advances the optimizer-wide counters; every call within one training step
         # must see the counters from before it (SasshaDeepSpeed settles them once afterwards).
@@ -579,26 +581,6 @@ class _Zero3:
 # ------------------------------------------------------------------------------------ driver
 
 
-def _as_closures(closure: Closure | Sequence[Closure]) -> list[Closure]:
-    closures = [closure] if callable(closure) else list(closure)
-    if not closures or not all(callable(c) for c in closures):
-        raise ValueError(
-            "Invalid closure: pass a callable returning the loss (without backward), or one per micro-batch."
-        )
-    return closures
-
-
-def _evaluate(closure: Closure) -> torch.Tensor:
-    with torch.enable_grad():
-        loss = closure()
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        raise ValueError(
-            "The closure must return the scalar loss tensor with its graph (computed through the engine, "
-            "not detached, without backward)."
-        )
-    return loss.reshape(())
-
-
 class SasshaDeepSpeed:
     """One SASSHA training step per :meth:`step` call on a ``deepspeed.initialize`` engine.
 
@@ -737,6 +719,9 @@ class SasshaDeepSpeed:
     def _passes(self, closures: list[Closure]) -> tuple[torch.Tensor, _PendingStep]:
         """Passes 1-4: gradient at theta, perturbation, Hessian, perturbed gradient (left in DeepSpeed)."""
         opt = self.optimizer
+        opt._start_rng_replay()
+        if opt.one_pass_due():
+            return self._one_pass(closures)
         loss = self._pass(closures, set_grads=True)
         opt.perturb(loss)
         pending = opt._pending
@@ -750,15 +735,40 @@ class SasshaDeepSpeed:
         pending.report.perturbed_loss = perturbed_loss
         pending.checks.append(("perturbed loss", torch.isfinite(perturbed_loss)))
         pending.checks.append(("perturbed gradient", self._finite(perturbed)))
+        self._finish_estimates(pending, forward, perturbed)
+        return loss, pending
+
+    def _one_pass(self, closures: list[Closure]) -> tuple[torch.Tensor, _PendingStep]:
+        """rho = 0 in every group: finite differences at theta on Hessian steps, then the one pass.
+
+        The pass at theta comes last, so its reduced gradient stays in DeepSpeed's buffers for
+        ``engine.step()``, as the perturbed pass does on other steps.
+        """
+        opt = self.optimizer
+        opt._start_step(*opt._members(every=True), None, one_pass=True, gradients=False)
+        pending = opt._pending
+        if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
+            raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
+        forward = self._hessian(pending, closures) if pending.hessian_due else None
+        loss, grads = self._pass(closures, keep=True)
+        report = pending.report
+        report.loss = report.perturbed_loss = loss
+        report.grad_norm = opt.strategy.sum_scalar(sq_norm(grads, foreach=opt.options.foreach)).sqrt()
+        pending.checks.append(("loss", torch.isfinite(loss)))
+        pending.checks.append(("gradient", torch.isfinite(report.grad_norm)))
+        self._finish_estimates(pending, forward, grads)
+        return loss, pending
+
+    def _finish_estimates(self, pending: _PendingStep, forward, grad_at_point: list[torch.Tensor]) -> None:
+        """Complete forward differences with the gradient at the point, then check the estimate."""
         if forward is not None:
             # Forward differences: sum_s z_s * (g(w + h z_s) - g(w)) / (h S), g(w) known only now.
             probe_sum, weight = forward
-            for est, z_sum, grad in zip(pending.estimates, probe_sum, perturbed, strict=True):
+            for est, z_sum, grad in zip(pending.estimates, probe_sum, grad_at_point, strict=True):
                 est.addcmul_(z_sum, grad, value=-weight)
         if pending.estimates is not None:
-            pending.report.hessian_underflow = curvature_underflow(pending.estimates, perturbed)
+            pending.report.hessian_underflow = curvature_underflow(pending.estimates, grad_at_point)
             pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
-        return loss, pending
 
     def _engine_update(self, pending: _PendingStep) -> None:
         """``engine.step()``: DeepSpeed clips the perturbed gradient, calls ZeroSassha.step per partition."""
@@ -818,7 +828,8 @@ class SasshaDeepSpeed:
         last = len(closures) - 1
         for k, closure in enumerate(closures):
             engine.set_gradient_accumulation_boundary(k == last)
-            scaled = engine.backward(_evaluate(closure), scale_wrt_gas=self.scale_wrt_gas).detach()
+            loss = self.optimizer.evaluate_in_step(closure, k)
+            scaled = engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas).detach()
             total = scaled if total is None else total + scaled
         grads = None
         if subtract_from is None:
