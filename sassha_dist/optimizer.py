@@ -560,9 +560,9 @@ class Sassha(Optimizer):
                 (keys.HESSIAN_CORRECTION, torch.float64),
                 (keys.HESSIAN_CORRECTION_POWER, torch.float64),
             ):
-                self.state[param][key] = torch.as_tensor(saved[key]).to(
+                # as_tensor with the dtype: a Python float (a derived correction) keeps float64
+                self.state[param][key] = torch.as_tensor(saved[key], dtype=dtype).to(
                     device=param.device if key in (keys.MOMENTUM, keys.HESSIAN_DIAG) else "cpu",
-                    dtype=dtype,
                     copy=True,
                 )
         if counters is None:

@@ -179,6 +179,7 @@ from transformers.training_args import OptimizerNames
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import resolve_strategy
 from sassha_dist.optimizer import Sassha, StepReport
+from sassha_dist.presets import LM_WARMUP_ITERS, RECIPE_IMAGE, authors_options
 
 __all__ = [
     "SASSHA",
@@ -250,13 +251,22 @@ class SasshaTrainingArguments(TrainingArguments):
         return self
 
 
+#: ``optim_args`` keys that choose one of the authors' recipes (``Sassha.authors``) and its warm-ups.
+_RECIPE_DEFAULTS: dict[str, Any] = {
+    "recipe": RECIPE_IMAGE,
+    "rho_warmup_iters": LM_WARMUP_ITERS,
+    "hessian_warmup_iters": LM_WARMUP_ITERS,
+}
+
+
 def _sassha_defaults() -> dict[str, Any]:
     signature = inspect.signature(Sassha.__init__)
-    return {
+    defaults = {
         name: parameter.default
         for name, parameter in signature.parameters.items()
         if name != "self" and parameter.default is not inspect.Parameter.empty
     }
+    return {**defaults, **_RECIPE_DEFAULTS}
 
 
 _TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null")
@@ -324,10 +334,21 @@ def parse_sassha_optim_args(optim_args: str | None) -> dict[str, Any]:
 
 
 def sassha_optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
-    """``Sassha`` keyword arguments from training arguments: lr, betas from adam_beta1/2, then optim_args."""
-    kwargs: dict[str, Any] = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2)}
-    kwargs.update(parse_sassha_optim_args(args.optim_args))
-    return kwargs
+    """``Sassha`` keyword arguments from training arguments.
+
+    Without a recipe: lr, betas from adam_beta1/2, then optim_args. With ``recipe=lm`` (or
+    ``image``) in optim_args: the authors' recipe (:func:`sassha_dist.presets.authors_options`),
+    then optim_args on top; lr (and the groups' weight decay) still come from
+    ``--learning_rate`` / ``--weight_decay``.
+    """
+    parsed = parse_sassha_optim_args(args.optim_args)
+    recipe = parsed.pop("recipe", None)
+    if recipe is None:
+        warmups = sorted(set(parsed) & {"rho_warmup_iters", "hessian_warmup_iters"})
+        if warmups:
+            raise ValueError(f"optim_args {warmups} need recipe=lm (the authors' GPT-2 recipe).")
+        return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), **parsed}
+    return {**authors_options(recipe, **parsed), "lr": args.learning_rate}
 
 
 # -- the optimizer as the Trainer drives it ------------------------------------------------
