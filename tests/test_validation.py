@@ -57,6 +57,30 @@ INVALID = [
     ({"weight_decay_mode": "coupled"}, "weight_decay_mode"),
     ({"probe_mode": "local"}, "probe_mode"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    # Wrong types, as an unconverted config or command line hands them over: a ValueError that
+    # names the value, never a bare TypeError from a comparison.
+    ({"lr": "0.1"}, "lr='0.1'"),
+    ({"lr": None}, "lr=None"),
+    ({"rho": "abc"}, "rho='abc'"),
+    ({"rho": True}, "rho=True"),
+    ({"eps": "1e-4"}, "eps='1e-4'"),
+    ({"weight_decay": "0"}, "weight_decay='0'"),
+    ({"betas": ("0.9", 0.999)}, r"betas\[0\]='0.9'"),
+    ({"betas": (0.9, None)}, r"betas\[1\]=None"),
+    ({"betas": "0.9,0.99"}, "betas"),
+    ({"perturb_eps": "1e-12"}, "perturb_eps='1e-12'"),
+    ({"fd_step": "1e-3"}, "fd_step='1e-3'"),
+    ({"lazy_hessian": "10"}, "lazy_hessian='10'"),
+    ({"n_samples": None}, "n_samples=None"),
+    ({"seed": "0"}, "seed='0'"),
+    ({"adaptive": "false"}, "adaptive='false'"),
+    ({"adaptive": 1}, "adaptive=1"),
+    ({"local_perturbation": "true"}, "local_perturbation='true'"),
+    ({"momentum_bias_correction": 0}, "momentum_bias_correction=0"),
+    ({"replay_rng": "yes"}, "replay_rng='yes'"),
+    ({"foreach": "true"}, "foreach='true'"),
+    ({"hessian_method": 1}, "hessian_method=1"),
+    ({"fd_scheme": None}, "fd_scheme=None"),
 ]
 
 
