@@ -33,6 +33,16 @@ from typing import NamedTuple
 
 import torch
 
+from sassha_dist.options import (
+    BIAS_CORRECTION_GLOBAL_STEP,
+    BIAS_CORRECTION_HESSIAN_UPDATES,
+    EPS_AFTER_POWER,
+    WEIGHT_DECAY_LR_SCALED,
+    BiasCorrection,
+    EpsPlacement,
+    WeightDecayMode,
+)
+
 __all__ = [
     "HessianCorrection",
     "UpdateHyperparameters",
@@ -43,14 +53,6 @@ __all__ = [
     "state_dtype",
     "update_hessian_ema",
 ]
-
-EPS_AFTER_POWER = "after_power"
-EPS_INSIDE_POWER = "inside_power"
-BIAS_CORRECTION_HESSIAN_UPDATES = "hessian_updates"
-BIAS_CORRECTION_GLOBAL_STEP = "global_step"
-BIAS_CORRECTION_NONE = "none"
-WEIGHT_DECAY_LR_SCALED = "lr_scaled"
-WEIGHT_DECAY_LR_INDEPENDENT = "lr_independent"
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -75,9 +77,9 @@ class UpdateHyperparameters:
     weight_decay: float
     eps: float
     hessian_power: float
-    eps_placement: str
-    bias_correction: str
-    weight_decay_mode: str
+    eps_placement: EpsPlacement
+    bias_correction: BiasCorrection
+    weight_decay_mode: WeightDecayMode
     momentum_bias_correction: bool = True
 
     def momentum_correction(self, step: int) -> float:

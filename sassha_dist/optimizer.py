@@ -36,13 +36,6 @@ from torch.optim.optimizer import Optimizer
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, resolve_strategy
 from sassha_dist.functional import (
-    BIAS_CORRECTION_GLOBAL_STEP,
-    BIAS_CORRECTION_HESSIAN_UPDATES,
-    BIAS_CORRECTION_NONE,
-    EPS_AFTER_POWER,
-    EPS_INSIDE_POWER,
-    WEIGHT_DECAY_LR_INDEPENDENT,
-    WEIGHT_DECAY_LR_SCALED,
     UpdateHyperparameters,
     apply_perturbation,
     perturbation_sq_norm,
@@ -61,6 +54,31 @@ from sassha_dist.hessian.hvp import (
     finite_difference_step,
 )
 from sassha_dist.hessian.probes import probe_key, rademacher_ranges
+from sassha_dist.options import (
+    BIAS_CORRECTION_HESSIAN_UPDATES,
+    EPS_AFTER_POWER,
+    FD_CENTRAL,
+    HESSIAN_AUTO,
+    HESSIAN_EXACT,
+    HESSIAN_FINITE_DIFFERENCE,
+    NONFINITE_RAISE,
+    NONFINITE_SKIP,
+    PROBES_AUTO,
+    PROBES_GLOBAL,
+    PROBES_PER_RANK,
+    WEIGHT_DECAY_LR_SCALED,
+    BiasCorrection,
+    EpsPlacement,
+    FdScheme,
+    HessianMethod,
+    OnNonfinite,
+    ProbeMode,
+    SasshaOptions,
+    WeightDecayMode,
+    check_rho,
+    resolve_options,
+    validate_group,
+)
 from sassha_dist.presets import AUTHORS_PRESET, RECIPE_IMAGE, authors_options
 from sassha_dist.rng import RngReplay
 
@@ -72,120 +90,6 @@ logger = logging.getLogger(__name__)
 #: its graph, without calling ``backward``. A sequence of closures is a list of
 #: micro-batches whose losses add up to the step's loss.
 Closure = Callable[[], torch.Tensor]
-
-HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE = "auto", "exact", "finite_difference"
-FD_CENTRAL, FD_FORWARD = "central", "forward"
-PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL = "auto", "per_rank", "global"
-NONFINITE_SKIP, NONFINITE_RAISE = "skip", "raise"
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}={value!r}. Must be one of {', '.join(map(repr, allowed))}.")
-    return value
-
-
-@dataclass(frozen=True)
-class SasshaOptions:
-    """Optimizer-wide settings (per-group ones live in ``param_groups``)."""
-
-    lazy_hessian: int = 10
-    n_samples: int = 1
-    hessian_power: float | Callable[[int], float] = 0.5
-    perturb_eps: float = 1e-12
-    adaptive: bool = False
-    local_perturbation: bool = False
-    seed: int = 0
-    hessian_method: str = HESSIAN_AUTO
-    fd_scheme: str = FD_CENTRAL
-    fd_step: float | None = None
-    eps_placement: str = EPS_AFTER_POWER
-    bias_correction: str = BIAS_CORRECTION_HESSIAN_UPDATES
-    weight_decay_mode: str = WEIGHT_DECAY_LR_SCALED
-    probe_mode: str = PROBES_AUTO
-    on_nonfinite: str = NONFINITE_SKIP
-    foreach: bool | None = None
-    momentum_bias_correction: bool = True
-    replay_rng: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("adaptive", "local_perturbation", "momentum_bias_correction", "replay_rng"):
-            _check_bool(name, getattr(self, name))
-        if self.foreach is not None:
-            _check_bool("foreach", self.foreach)
-        lazy_hessian, n_samples, seed = self.lazy_hessian, self.n_samples, self.seed
-        if isinstance(lazy_hessian, bool) or not isinstance(lazy_hessian, int) or lazy_hessian < 1:
-            raise ValueError(f"Invalid {lazy_hessian=}. Must be an int >= 1.")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"Invalid {n_samples=}. Must be an int >= 1.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid {seed=}. Must be an int >= 0.")
-        if not callable(self.hessian_power):
-            _check_power(self.hessian_power)
-        perturb_eps = _check_number("perturb_eps", self.perturb_eps)
-        if not perturb_eps >= 0.0:
-            raise ValueError(f"Invalid {perturb_eps=}. Must be >= 0.")
-        fd_step = self.fd_step
-        if fd_step is not None and not (0.0 < _check_number("fd_step", fd_step) < math.inf):
-            raise ValueError(f"Invalid {fd_step=}. Must be > 0 and finite, or None for the dtype's default.")
-        _choice(
-            "hessian_method", self.hessian_method, (HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE)
-        )
-        _choice("fd_scheme", self.fd_scheme, (FD_CENTRAL, FD_FORWARD))
-        _choice("eps_placement", self.eps_placement, (EPS_AFTER_POWER, EPS_INSIDE_POWER))
-        _choice(
-            "bias_correction",
-            self.bias_correction,
-            (BIAS_CORRECTION_HESSIAN_UPDATES, BIAS_CORRECTION_GLOBAL_STEP, BIAS_CORRECTION_NONE),
-        )
-        _choice(
-            "weight_decay_mode", self.weight_decay_mode, (WEIGHT_DECAY_LR_SCALED, WEIGHT_DECAY_LR_INDEPENDENT)
-        )
-        _choice("probe_mode", self.probe_mode, (PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL))
-        _choice("on_nonfinite", self.on_nonfinite, (NONFINITE_SKIP, NONFINITE_RAISE))
-
-    def power_at(self, step: int) -> float:
-        """The Hessian power for (1-based) ``step``; a schedule is validated on every call."""
-        if callable(self.hessian_power):
-            return _check_power(self.hessian_power(step), f"hessian_power({step})")
-        return self.hessian_power
-
-
-def _check_number(name: str, value: Any) -> float:
-    """``value`` as a float, or ``ValueError`` naming it (a string or a bool is not a number here)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"Invalid {name}={value!r} ({type(value).__name__}). Must be a number, e.g. {name}=0.1 "
-            "(from a config or command line, convert it first: float(value))."
-        )
-    return float(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}={value!r} ({type(value).__name__}). Must be True or False.")
-    return value
-
-
-def _check_rho(rho: Any, name: str = "rho") -> float:
-    value = _check_number(name, rho)
-    if not 0.0 <= value < math.inf:
-        raise ValueError(f"Invalid {name}={rho!r}. Must be >= 0 and finite, or a callable of the step.")
-    return value
-
-
-def _check_power(hessian_power: Any, name: str = "hessian_power") -> float:
-    if (
-        isinstance(hessian_power, bool)
-        or not isinstance(hessian_power, (int, float))
-        or not 0.0 < hessian_power <= 1.0
-    ):
-        raise ValueError(
-            f"Invalid {name}={hessian_power!r}. Must be a float in (0, 1] or a callable of the step."
-        )
-    return float(hessian_power)
 
 
 @dataclass
@@ -362,14 +266,14 @@ class Sassha(Optimizer):
         adaptive: bool = False,
         local_perturbation: bool = False,
         seed: int = 0,
-        hessian_method: str = HESSIAN_AUTO,
-        fd_scheme: str = FD_CENTRAL,
+        hessian_method: HessianMethod = HESSIAN_AUTO,
+        fd_scheme: FdScheme = FD_CENTRAL,
         fd_step: float | None = None,
-        eps_placement: str = EPS_AFTER_POWER,
-        bias_correction: str = BIAS_CORRECTION_HESSIAN_UPDATES,
-        weight_decay_mode: str = WEIGHT_DECAY_LR_SCALED,
-        probe_mode: str = PROBES_AUTO,
-        on_nonfinite: str = NONFINITE_SKIP,
+        eps_placement: EpsPlacement = EPS_AFTER_POWER,
+        bias_correction: BiasCorrection = BIAS_CORRECTION_HESSIAN_UPDATES,
+        weight_decay_mode: WeightDecayMode = WEIGHT_DECAY_LR_SCALED,
+        probe_mode: ProbeMode = PROBES_AUTO,
+        on_nonfinite: OnNonfinite = NONFINITE_SKIP,
         foreach: bool | None = None,
         momentum_bias_correction: bool = True,
         replay_rng: bool = True,
@@ -396,7 +300,7 @@ class Sassha(Optimizer):
             replay_rng=replay_rng,
         )
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "rho": rho, "eps": eps}
-        _validate_group(defaults)
+        validate_group(defaults)
         super().__init__(params, defaults)
         self.options = options
         self.use_strategy(strategy if strategy is not None else resolve_strategy(self._all_params()))
@@ -412,36 +316,10 @@ class Sassha(Optimizer):
         Called at construction; call it again if an engine replaced the parameters with another
         kind after construction (before any state exists), as FSDP2's ``prepare`` does.
         """
-        options = self.options
-        if options.hessian_method == HESSIAN_EXACT and not strategy.supports_exact_hessian:
-            raise ValueError(
-                f"Invalid hessian_method='exact' under {type(strategy).__name__}: this engine does not "
-                "allow double backward here. Use hessian_method='finite_difference' (or 'auto'); under "
-                "FSDP2, exact Hessians need strategy=FullyShard(model.parameters(), module=model)."
-            )
-        if options.local_perturbation and not strategy.supports_local_gradients:
-            raise ValueError(
-                f"Invalid local_perturbation=True under {type(strategy).__name__}: it needs every rank "
-                "to hold whole parameters (DDP or a single device). Use local_perturbation=False."
-            )
-        hessian_method = (
-            options.hessian_method
-            if options.hessian_method != HESSIAN_AUTO
-            else (HESSIAN_EXACT if strategy.prefers_exact_hessian else HESSIAN_FINITE_DIFFERENCE)
-        )
-        if options.local_perturbation and hessian_method != HESSIAN_EXACT:
-            # Ranks perturbed to different points would pick different finite-difference steps.
-            raise ValueError(
-                "Invalid local_perturbation=True with hessian_method='finite_difference': local "
-                "perturbation needs hessian_method='exact' (as in the authors' code)."
-            )
+        resolved = resolve_options(self.options, strategy.capabilities)
         self.strategy = strategy
-        self.hessian_method = hessian_method
-        self.probe_mode = (
-            options.probe_mode
-            if options.probe_mode != PROBES_AUTO
-            else (PROBES_PER_RANK if hessian_method == HESSIAN_EXACT else PROBES_GLOBAL)
-        )
+        self.hessian_method = resolved.hessian_method
+        self.probe_mode = resolved.probe_mode
 
     @classmethod
     def authors(
@@ -465,7 +343,7 @@ class Sassha(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            _validate_group(self.param_groups[-1])
+            validate_group(self.param_groups[-1])
             _validate_params(self.param_groups[-1]["params"])
         except ValueError:
             self.param_groups.pop()
@@ -532,7 +410,7 @@ class Sassha(Optimizer):
                     f"Invalid state_dict for Sassha: a param group lacks {sorted(missing)}; "
                     "was it saved by another optimizer?"
                 )
-            _validate_group(group)
+            validate_group(group)
         saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
         params = self._all_params()
         for saved_id, param in zip(saved_ids, params, strict=False):
@@ -609,7 +487,7 @@ class Sassha(Optimizer):
     def rho_at(self, group: dict[str, Any], step: int) -> float:
         """``group``'s radius on (1-based) ``step``; a schedule is checked on every call."""
         rho = group["rho"]
-        return _check_rho(rho(step), f"rho({step})") if callable(rho) else float(rho)
+        return check_rho(rho(step), f"rho({step})") if callable(rho) else float(rho)
 
     def one_pass_due(self) -> bool:
         """Whether the next step has ``rho = 0`` in every group, so one pass serves as both passes.
@@ -1263,30 +1141,6 @@ class Sassha(Optimizer):
             weight_decay_mode=self.options.weight_decay_mode,
             momentum_bias_correction=self.options.momentum_bias_correction,
         )
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    """Check one parameter group's hyperparameters; errors name the value and the fix."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid lr of shape {tuple(lr.shape)}. Must be a float or a 1-element tensor.")
-    lr = _check_number("lr", lr)
-    if not 0.0 <= lr < math.inf:
-        raise ValueError(f"Invalid {lr=}. Must be >= 0 and finite.")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid {betas=}. Must be a pair (beta1, beta2).")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _check_number(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"Invalid betas[{i}]={beta!r}. Must be in [0, 1).")
-    weight_decay = _check_number("weight_decay", group["weight_decay"])
-    if not 0.0 <= weight_decay < math.inf:
-        raise ValueError(f"Invalid {weight_decay=}. Must be >= 0 and finite.")
-    if not callable(group["rho"]):
-        _check_rho(group["rho"])
-    eps = _check_number("eps", group["eps"])
-    if not 0.0 <= eps < math.inf:
-        raise ValueError(f"Invalid {eps=}. Must be >= 0 and finite.")
 
 
 def _validate_params(params: Iterable[torch.Tensor]) -> None:

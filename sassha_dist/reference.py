@@ -52,19 +52,15 @@ from dataclasses import dataclass
 import torch
 
 from sassha_dist.hessian.probes import probe_key, rademacher
+from sassha_dist.options import CHOICES
 
 __all__ = ["ReferenceConfig", "ReferenceSassha"]
 
 Tensors = list[torch.Tensor]
 _GROUP_KEYS = ("lr", "betas", "weight_decay", "rho", "eps")
-_CHOICES = {
-    "hessian_method": ("exact", "finite_difference"),
-    "fd_scheme": ("central", "forward"),
-    "eps_placement": ("after_power", "inside_power"),
-    "bias_correction": ("hessian_updates", "global_step", "none"),
-    "weight_decay_mode": ("lr_scaled", "lr_independent"),
-    "probe_mode": ("per_rank", "global"),
-}
+# The oracle resolves no "auto": it takes the choices themselves (sassha_dist.options).
+_CHOICES = {name: tuple(c for c in allowed if c != "auto") for name, allowed in CHOICES.items()}
+_CHOICES.pop("on_nonfinite")  # the oracle always skips
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,6 @@ from sassha_dist.hessian.hvp import (
 )
 from sassha_dist.optimizer import (
     FD_CENTRAL,
-    PROBES_GLOBAL,
     Sassha,
     StepReport,
     _as_closures,
@@ -235,6 +234,7 @@ class DeepSpeedZero(Strategy):
     supports_exact_hessian = False
     prefers_exact_hessian = False
     supports_local_gradients = False
+    global_probes_only = True
 
     def __init__(self) -> None:
         self.ordinals: dict[int, int] = {}
@@ -312,12 +312,7 @@ class ZeroSassha(Sassha):
         strategy = kwargs.pop("strategy", None) or DeepSpeedZero()
         if not isinstance(strategy, DeepSpeedZero):
             raise ValueError(f"ZeroSassha needs a DeepSpeedZero strategy, got {type(strategy).__name__}.")
-        super().__init__(params, *args, strategy=strategy, **kwargs)
-        if self.probe_mode != PROBES_GLOBAL:
-            raise ValueError(
-                f"Invalid probe_mode={self.probe_mode!r} under DeepSpeed ZeRO: the Hessian comes from "
-                "engine-reduced gradients, so probes must be global. Use probe_mode='global' (or 'auto')."
-            )
+        super().__init__(params, *args, strategy=strategy, **kwargs)  # refuses per-rank probes
         strategy.record(self._all_params())
         self._plan: _UpdatePlan | None = None
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from sassha_dist.options import EngineCapabilities
+
 __all__ = ["ProbeSegment", "SingleProcess", "Strategy", "resolve_strategy"]
 
 
@@ -45,8 +47,21 @@ class Strategy(ABC):
     prefers_exact_hessian: bool = True
     #: Whether each rank can take an unreduced gradient of its own loss (whole parameters).
     supports_local_gradients: bool = True
+    #: Whether only model-wide probes work (the Hessian comes from engine-reduced gradients).
+    global_probes_only: bool = False
     #: This process's data-parallel rank; mixed into the probe key in per-rank mode.
     rank: int = 0
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """What this engine allows, for :func:`sassha_dist.options.resolve_options`."""
+        return EngineCapabilities(
+            name=type(self).__name__,
+            exact_hessian=self.supports_exact_hessian,
+            prefers_exact_hessian=self.prefers_exact_hessian,
+            local_gradients=self.supports_local_gradients,
+            global_probes_only=self.global_probes_only,
+        )
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
