@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,8 +81,9 @@ from sassha_dist.options import (
 )
 from sassha_dist.presets import AUTHORS_PRESET, RECIPE_IMAGE, authors_options
 from sassha_dist.rng import RngReplay
+from sassha_dist.step import StepReport, StepState
 
-__all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport"]
+__all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport", "StepState"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,43 +94,11 @@ Closure = Callable[[], torch.Tensor]
 
 
 @dataclass
-class StepReport:
-    """What the last step did. Tensors stay on device (reading them syncs)."""
-
-    loss: torch.Tensor | None = None
-    perturbed_loss: torch.Tensor | None = None
-    grad_norm: torch.Tensor | None = None
-    hessian_refreshed: bool = False
-    skipped: bool = False
-    reason: str | None = None
-    #: On finite-difference Hessian steps: this rank's fraction of coordinates whose estimate
-    #: underflowed to 0 with a nonzero gradient (:func:`~sassha_dist.hessian.hvp.curvature_underflow`).
-    hessian_underflow: torch.Tensor | None = None
-
-
-@dataclass
 class _FusedEstimate:
     """An exact estimate from a one-pass step's gradient pass, for the step ``perturb`` starts."""
 
     params: list[torch.Tensor]
     estimates: list[torch.Tensor]
-
-
-@dataclass
-class _PendingStep:
-    """State carried between the passes of one step, from ``perturb`` to ``update``."""
-
-    params: list[torch.Tensor]
-    locals: list[torch.Tensor]
-    probe_indices: list[int]
-    group_indices: list[int]
-    theta: list[torch.Tensor]
-    hessian_due: bool
-    report: StepReport
-    estimates: list[torch.Tensor] | None = None
-    checks: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    #: rho is 0 in every group: theta + eps = theta, so the gradient pass is also the perturbed one.
-    one_pass: bool = False
 
 
 def _as_closures(closure: Closure | Sequence[Closure] | None) -> list[Closure]:
@@ -306,7 +275,7 @@ class Sassha(Optimizer):
         self.use_strategy(strategy if strategy is not None else resolve_strategy(self._all_params()))
         self.counters = {keys.GLOBAL_STEP: 0, keys.HESSIAN_REFRESHES: 0, keys.SKIPPED_STEPS: 0}
         self.last_report = StepReport()
-        self._pending: _PendingStep | None = None
+        self._pending: StepState | None = None
         self._fused: _FusedEstimate | None = None
         self._rng_replay: RngReplay | None = None
 
@@ -531,9 +500,9 @@ class Sassha(Optimizer):
         """
         if self._pending is not None:
             raise RuntimeError("perturb() called twice: call update() or cancel() to finish the step first.")
-        self._start_step(*self._members(), loss, one_pass=self.one_pass_due())
+        self.start_step(*self.members(), loss, one_pass=self.one_pass_due())
 
-    def _members(self, *, every: bool = False) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    def members(self, *, every: bool = False) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """The step's parameters (with a gradient, or ``every`` one), their ordinals and groups."""
         params, probe_indices, group_indices = [], [], []
         ordinal = 0
@@ -551,7 +520,7 @@ class Sassha(Optimizer):
                 ordinal += 1
         return params, probe_indices, group_indices
 
-    def _start_step(
+    def start_step(
         self,
         params: list[torch.Tensor],
         probe_indices: list[int],
@@ -569,7 +538,7 @@ class Sassha(Optimizer):
         local_params = [self.strategy.local(p) for p in params]
         report = StepReport(loss=None if loss is None else loss.detach())
         hessian_due = self._hessian_due(params)
-        pending = _PendingStep(
+        pending = StepState(
             params, local_params, probe_indices, group_indices, [], hessian_due, report, one_pass=one_pass
         )
         if loss is not None:
@@ -714,12 +683,29 @@ class Sassha(Optimizer):
         if not pending.params:
             return report
         global_step = self.counters[keys.GLOBAL_STEP] + 1
+        self.apply_update(pending, global_step)
+        if pending.hessian_due:
+            self.warn_on_underflow(report)
+            self.counters[keys.HESSIAN_REFRESHES] += 1
+            report.hessian_refreshed = True
+        self.counters[keys.GLOBAL_STEP] = global_step
+        return report
+
+    @torch.no_grad()
+    def apply_update(self, step: StepState, global_step: int) -> None:
+        """The update of ``step``'s parameters (already back at theta) as step ``global_step``.
+
+        Folds the Hessian estimate into ``D`` on refresh steps, advances the per-parameter
+        counters and runs the update kernel. The optimizer-wide counters are the caller's:
+        :meth:`update` advances them, and the ZeRO driver once per training step while
+        DeepSpeed calls this once per partition.
+        """
         power = self.options.power_at(global_step)
-        params = pending.params
+        params = step.params
         for p in params:
             self._ensure_state(p)
-        if pending.hessian_due:
-            estimates = pending.estimates
+        if step.hessian_due:
+            estimates = step.estimates
             if estimates is None:
                 raise RuntimeError(
                     "This is a Hessian step with hessian_method='finite_difference': call "
@@ -728,31 +714,28 @@ class Sassha(Optimizer):
             update_hessian_ema(
                 [self.strategy.local(self.state[p][keys.HESSIAN_DIAG]) for p in params],
                 estimates,
-                [self.param_groups[g]["betas"][1] for g in pending.group_indices],
+                [self.param_groups[g]["betas"][1] for g in step.group_indices],
                 foreach=self.options.foreach,
             )
             del estimates
-            pending.estimates = None  # folded into D: free them before the update kernel
-            self.warn_on_underflow(report)
+            step.estimates = None  # folded into D: free them before the update kernel
             for p in params:
                 self.state[p][keys.HESSIAN_UPDATES] += 1
-            self.counters[keys.HESSIAN_REFRESHES] += 1
-            report.hessian_refreshed = True
         local = self.strategy.local
         for group_index, group in enumerate(self.param_groups):
-            members = [i for i, g in enumerate(pending.group_indices) if g == group_index]
+            members = [i for i, g in enumerate(step.group_indices) if g == group_index]
             if not members:
                 continue
             states = [self.state[params[i]] for i in members]
             hyper = self._hyperparameters(group, power)
             for s in states:
                 s[keys.STEP] += 1
-                if pending.hessian_due:
+                if step.hessian_due:
                     # The authors' correction of D, frozen until the next refresh ("global_step").
                     s[keys.HESSIAN_CORRECTION].fill_(1.0 - hyper.beta2 ** int(s[keys.STEP]))
                     s[keys.HESSIAN_CORRECTION_POWER].fill_(power)
             member_params = [params[i] for i in members]
-            member_locals = [pending.locals[i] for i in members]
+            member_locals = [step.locals[i] for i in members]
             sassha_update(
                 member_locals,
                 self._local_grads(member_params, member_locals),
@@ -770,8 +753,6 @@ class Sassha(Optimizer):
                 hyper,
                 foreach=self.options.foreach,
             )
-        self.counters[keys.GLOBAL_STEP] = global_step
-        return report
 
     @torch.no_grad()
     def cancel(self) -> None:
@@ -808,6 +789,11 @@ class Sassha(Optimizer):
         return self._pending is not None
 
     @property
+    def current_step(self) -> StepState | None:
+        """The started step's :class:`~sassha_dist.step.StepState` (``None`` outside a step)."""
+        return self._pending
+
+    @property
     def skipped_steps(self) -> int:
         return self.counters[keys.SKIPPED_STEPS]
 
@@ -832,10 +818,29 @@ class Sassha(Optimizer):
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self._all_params() if p.requires_grad]
 
-    def _require_pending(self, method: str) -> _PendingStep:
+    def _require_pending(self, method: str) -> StepState:
         if self._pending is None:
             raise RuntimeError(f"{method}() outside a step: call perturb() first (or use step(closure)).")
         return self._pending
+
+    def begin_passes(self) -> None:
+        """A driver is about to run a step's passes itself: record their random numbers from here."""
+        self._fused = None
+        self._start_rng_replay()
+
+    def end_passes(self) -> None:
+        """A driver ran the last pass of its step: leave the generators where one pass would."""
+        self._finish_rng_replay()
+
+    def detach_step(self) -> StepState:
+        """Take the started step out of the optimizer, for a driver that completes it itself.
+
+        The ZeRO driver does: DeepSpeed's ``engine.step()`` then calls :meth:`apply_update`
+        per partition. Parameters stay where the passes left them; the caller restores theta.
+        """
+        step = self._require_pending("detach_step")
+        self._pending = None
+        return step
 
     def _start_rng_replay(self, *, fresh: bool = True) -> None:
         """Record (or, ``fresh=False``, keep recording) the random-number state of this step's passes."""
@@ -915,7 +920,7 @@ class Sassha(Optimizer):
         local_estimates = [self.strategy.local(e) for e in self.strategy.reduce_exact(params, estimates)]
         return total, reduced, local_estimates, used
 
-    def _exact_hessian_pass(self, pending: _PendingStep, closures: list[Closure]) -> torch.Tensor:
+    def _exact_hessian_pass(self, pending: StepState, closures: list[Closure]) -> torch.Tensor:
         """Perturbed gradient into ``p.grad`` and the exact estimate into ``pending``, in one pass."""
         loss, grads, estimates, _ = self._exact_products(pending.params, pending.probe_indices, closures)
         for p, g in zip(pending.params, grads, strict=True):
@@ -953,7 +958,7 @@ class Sassha(Optimizer):
     def _probe_rank(self) -> int:
         return self.strategy.rank if self.probe_mode == PROBES_PER_RANK else 0
 
-    def _probes_for(
+    def draw_probes(
         self,
         likes: Sequence[torch.Tensor],
         segment_lists: Sequence[list[ProbeSegment]],
@@ -996,25 +1001,25 @@ class Sassha(Optimizer):
         return probes
 
     def _probes(
-        self, pending: _PendingStep, sample: int, dtype: torch.dtype | None = None
+        self, pending: StepState, sample: int, dtype: torch.dtype | None = None
     ) -> list[torch.Tensor]:
         """Probe ``sample`` for each local shard, from the elements of the full parameters it holds."""
         segments = [
             self.strategy.probe_segments(p, index)
             for p, index in zip(pending.params, pending.probe_indices, strict=True)
         ]
-        return self._probes_for(pending.locals, segments, sample, dtype)
+        return self.draw_probes(pending.locals, segments, sample, dtype)
 
     def _whole_probes(
         self, tensors: list[torch.Tensor], indices: list[int], sample: int
     ) -> list[torch.Tensor]:
         """Probe ``sample`` for whole (unsharded) parameter tensors."""
         segments = [[ProbeSegment(0, t.numel(), index, 0)] for t, index in zip(tensors, indices, strict=True)]
-        return self._probes_for(tensors, segments, sample)
+        return self.draw_probes(tensors, segments, sample)
 
     def _central_difference(
         self,
-        pending: _PendingStep,
+        pending: StepState,
         point: list[torch.Tensor] | None,
         signs: list[torch.Tensor],
         h: float,
@@ -1044,7 +1049,7 @@ class Sassha(Optimizer):
 
     def _forward_difference(
         self,
-        pending: _PendingStep,
+        pending: StepState,
         point: list[torch.Tensor] | None,
         signs: list[torch.Tensor],
         h: float,
@@ -1065,19 +1070,19 @@ class Sassha(Optimizer):
 
     @staticmethod
     def _move_to(
-        pending: _PendingStep, point: list[torch.Tensor] | None, signs: list[torch.Tensor], h: float
+        pending: StepState, point: list[torch.Tensor] | None, signs: list[torch.Tensor], h: float
     ) -> None:
         """Parameters to ``w + h z``: set exactly from ``point``, or moved from ``w`` without one."""
         if point is not None:
             torch._foreach_copy_(pending.locals, point)
         torch._foreach_add_(pending.locals, signs, alpha=h)
 
-    def _accumulate_gradients(self, pending: _PendingStep, closures: list[Closure]) -> None:
+    def _accumulate_gradients(self, pending: StepState, closures: list[Closure]) -> None:
         """Backward passes of all closures at the current parameters, accumulating into ``p.grad``."""
         with torch.enable_grad():
             self._backward_all(closures, pending.params)
 
-    def _take_state_grads(self, pending: _PendingStep) -> list[torch.Tensor]:
+    def _take_state_grads(self, pending: StepState) -> list[torch.Tensor]:
         """The local gradients in the state dtype, leaving ``p.grad = None``."""
         grads = self._take_grads(pending.params, pending.locals)
         return [g.to(state_dtype(g.dtype)) for g in grads]

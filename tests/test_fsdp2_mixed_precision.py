@@ -62,7 +62,7 @@ def _fd_error(rank: int, world: int, bf16: bool, fd_scheme: str, fd_step: float)
     optimizer.perturb()
     optimizer.perturbed_pass(closure)
     optimizer.hessian_pass(closure)
-    estimates = optimizer._pending.estimates
+    estimates = optimizer.current_step.estimates
     optimizer.cancel()
     exact = _exact_estimate(world)
     sq_err, sq_ref = torch.zeros(()), torch.zeros(())

@@ -100,13 +100,8 @@ from sassha_dist.hessian.hvp import (
     default_fd_step,
     finite_difference_step,
 )
-from sassha_dist.optimizer import (
-    FD_CENTRAL,
-    Sassha,
-    StepReport,
-    _as_closures,
-    _PendingStep,
-)
+from sassha_dist.optimizer import FD_CENTRAL, Sassha, _as_closures
+from sassha_dist.step import StepReport, StepState
 
 __all__ = [
     "DeepSpeedZero",
@@ -294,8 +289,8 @@ class DeepSpeedZero(Strategy):
 class _UpdatePlan:
     """The step's pending passes, applied partition by partition from inside ``engine.step()``."""
 
-    pending: _PendingStep
-    counters: dict[str, int]
+    pending: StepState
+    global_step: int
     done: set[int]
 
 
@@ -349,26 +344,12 @@ class ZeroSassha(Sassha):
                 group_indices.append(group_index)
         if not members:
             return
-        sub = _PendingStep(
-            params=[pending.params[i] for i in members],
-            locals=[pending.locals[i] for i in members],
-            probe_indices=[pending.probe_indices[i] for i in members],
-            group_indices=group_indices,
-            theta=[pending.theta[i] for i in members] if pending.theta else [],
-            hessian_due=pending.hessian_due,
-            report=pending.report,
-            estimates=None if pending.estimates is None else [pending.estimates[i] for i in members],
-            one_pass=pending.one_pass,
-        )
-        # update() advances the optimizer-wide counters; every call within one training step
-        # must see the counters from before it (SasshaDeepSpeed settles them once afterwards).
-        self.counters = dict(plan.counters)
-        self._pending = sub
-        try:
-            Sassha.update(self)
-        finally:
-            self._pending = None
-        plan.done.update(id(p) for p in sub.params)
+        share = pending.subset(members, group_indices)
+        if share.theta:
+            torch._foreach_copy_(share.locals, share.theta)  # the exact restore of theta
+        # The optimizer-wide counters stay as they were: SasshaDeepSpeed settles them once.
+        self.apply_update(share, plan.global_step)
+        plan.done.update(id(p) for p in share.params)
 
 
 # ------------------------------------------------------------------------------------ engine adapters
@@ -687,7 +668,7 @@ class SasshaDeepSpeed:
                 "closure per micro-batch of the step."
             )
         opt, engine = self.optimizer, self.engine
-        if opt._pending is not None:
+        if opt.in_step:
             raise RuntimeError("A step is already in progress on this optimizer.")
         boundary = engine._is_gradient_accumulation_boundary
         try:
@@ -705,21 +686,21 @@ class SasshaDeepSpeed:
                     finally:
                         self.adapter.push_params()
                     return loss
-                opt._pending = None
+                opt.detach_step()
             self._engine_update(pending)
         finally:
             engine._is_gradient_accumulation_boundary = boundary
         return loss
 
-    def _passes(self, closures: list[Closure]) -> tuple[torch.Tensor, _PendingStep]:
+    def _passes(self, closures: list[Closure]) -> tuple[torch.Tensor, StepState]:
         """Passes 1-4: gradient at theta, perturbation, Hessian, perturbed gradient (left in DeepSpeed)."""
         opt = self.optimizer
-        opt._start_rng_replay()
+        opt.begin_passes()
         if opt.one_pass_due():
             return self._one_pass(closures)
         loss = self._pass(closures, set_grads=True)
         opt.perturb(loss)
-        pending = opt._pending
+        pending = opt.current_step
         if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
             raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
         for flat in self.adapter.flats:
@@ -733,15 +714,15 @@ class SasshaDeepSpeed:
         self._finish_estimates(pending, forward, perturbed)
         return loss, pending
 
-    def _one_pass(self, closures: list[Closure]) -> tuple[torch.Tensor, _PendingStep]:
+    def _one_pass(self, closures: list[Closure]) -> tuple[torch.Tensor, StepState]:
         """rho = 0 in every group: finite differences at theta on Hessian steps, then the one pass.
 
         The pass at theta comes last, so its reduced gradient stays in DeepSpeed's buffers for
         ``engine.step()``, as the perturbed pass does on other steps.
         """
         opt = self.optimizer
-        opt._start_step(*opt._members(every=True), None, one_pass=True, gradients=False)
-        pending = opt._pending
+        opt.start_step(*opt.members(every=True), None, one_pass=True, gradients=False)
+        pending = opt.current_step
         if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
             raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
         forward = self._hessian(pending, closures) if pending.hessian_due else None
@@ -754,7 +735,7 @@ class SasshaDeepSpeed:
         self._finish_estimates(pending, forward, grads)
         return loss, pending
 
-    def _finish_estimates(self, pending: _PendingStep, forward, grad_at_point: list[torch.Tensor]) -> None:
+    def _finish_estimates(self, pending: StepState, forward, grad_at_point: list[torch.Tensor]) -> None:
         """Complete forward differences with the gradient at the point, then check the estimate."""
         if forward is not None:
             # Forward differences: sum_s z_s * (g(w + h z_s) - g(w)) / (h S), g(w) known only now.
@@ -765,11 +746,10 @@ class SasshaDeepSpeed:
             pending.report.hessian_underflow = curvature_underflow(pending.estimates, grad_at_point)
             pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
 
-    def _engine_update(self, pending: _PendingStep) -> None:
+    def _engine_update(self, pending: StepState) -> None:
         """``engine.step()``: DeepSpeed clips the perturbed gradient, calls ZeroSassha.step per partition."""
         opt, engine = self.optimizer, self.engine
-        counters = dict(opt.counters)
-        plan = _UpdatePlan(pending, counters, set())
+        plan = _UpdatePlan(pending, opt.counters[keys.GLOBAL_STEP] + 1, set())
         opt._plan = plan
         engine.set_gradient_accumulation_boundary(True)
         try:
@@ -781,7 +761,7 @@ class SasshaDeepSpeed:
             opt._plan = None
         # engine.step() counts one micro-step; a ZeRO step covers gradient_accumulation_steps of them.
         engine.micro_steps += engine.gradient_accumulation_steps() - 1
-        opt.counters = dict(counters)
+        opt.end_passes()
         opt.last_report = pending.report
         if len(plan.done) < len(pending.params):
             # DeepSpeed skipped the update (it saw an overflow): nothing was updated.
@@ -840,7 +820,7 @@ class SasshaDeepSpeed:
         return total, grads
 
     @torch.no_grad()
-    def _hessian(self, pending: _PendingStep, closures: list[Closure]):
+    def _hessian(self, pending: StepState, closures: list[Closure]):
         """Finite-difference Hutchinson estimate at ``w = theta + eps`` into ``pending.estimates``.
 
         Returns ``(sum of probes, weight)`` for the forward scheme, which still
@@ -892,7 +872,7 @@ class SasshaDeepSpeed:
         """Global probe ``sample`` on each partition as int8 signs, zero on ZeRO's padding."""
         opt = self.optimizer
         segments = [opt.strategy.probe_segments(flat, index) for index, flat in enumerate(flats)]
-        return opt._probes_for(flats, segments, sample, torch.int8)
+        return opt.draw_probes(flats, segments, sample, torch.int8)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -908,7 +888,7 @@ class SasshaDeepSpeed:
 
         The resync (a collective at stages 1/2) only runs once the parameters have moved.
         """
-        moved = self.optimizer._pending is not None
+        moved = self.optimizer.in_step
         try:
             self.optimizer.cancel()
             for flat in self.adapter.flats:
