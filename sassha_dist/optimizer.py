@@ -34,7 +34,8 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from sassha_dist import state_keys as keys
-from sassha_dist.distributed.strategy import ProbeSegment, Strategy, resolve_strategy
+from sassha_dist.distributed.resolve import resolve_strategy
+from sassha_dist.distributed.strategy import ProbeSegment, Strategy
 from sassha_dist.functional import (
     UpdateHyperparameters,
     apply_perturbation,

@@ -370,10 +370,10 @@ def test_engine_configuration_sassha_cannot_serve_raises(engine_cases, case, exp
 
 
 def test_data_parallel_strategy_without_a_process_group_raises():
-    from sassha_dist.distributed import DataParallel
+    from sassha_dist.distributed import Replicated
 
     with pytest.raises(ValueError, match="process group"):
-        DataParallel()
+        Replicated()
 
 
 def _one_rank_nan_run(rank: int, world: int, on_nonfinite: str) -> dict:

@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from sassha_dist import Sassha, checkpoint, state_keys
-from sassha_dist.distributed import DataParallel, FullyShard, SingleProcess
+from sassha_dist.distributed import FullyShard, Replicated, SingleProcess
 from tests.distributed import run_ranks
 from tests.sharded import KW
 
@@ -134,7 +134,7 @@ def _resume_ddp(rank: int, world: int, full: str, export: str) -> dict:
     model = make_model(seed=7)
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = Sassha(ddp.parameters(), **KW)
-    assert isinstance(optimizer.strategy, DataParallel)
+    assert isinstance(optimizer.strategy, Replicated)
     checkpoint.import_full(full, ddp, optimizer)
     losses = train(ddp, optimizer, range(BEFORE + 1, BEFORE + 3), rank, world)
     checkpoint.export_full(export, ddp, optimizer)

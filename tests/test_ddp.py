@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sassha_dist import Sassha
-from sassha_dist.distributed import DataParallel
+from sassha_dist.distributed import Replicated
 from sassha_dist.reference import ReferenceConfig, ReferenceSassha
 from tests.distributed import run_ranks
 from tests.sharded import batches
@@ -71,7 +71,7 @@ def _ddp_run(rank: int, world: int, method: str, probe_mode: str, count: bool, l
     optimizer = Sassha(
         ddp.parameters(), hessian_method=method, probe_mode=probe_mode, local_perturbation=local, **KW
     )
-    assert isinstance(optimizer.strategy, DataParallel)
+    assert isinstance(optimizer.strategy, Replicated)
     x, y = _batches(world)[rank]
     losses, per_step = [], []
     for _ in range(STEPS):
@@ -155,7 +155,7 @@ def _exact_tensors(rank: int) -> list[torch.Tensor]:
 
 def _reduce_exact_run(rank: int, world: int) -> list[torch.Tensor]:
     tensors = _exact_tensors(rank)
-    reduced = DataParallel().reduce_exact([], tensors)
+    reduced = Replicated().reduce_exact([], tensors)
     assert all(r is t for r, t in zip(reduced, tensors, strict=True))  # in place
     return tensors
 

@@ -169,7 +169,7 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
     ranks = [torch.load(ddp / f"rank{r}.pt") for r in range(2)]
     reference = torch.load(single / "rank0.pt")
     assert [r["world"] for r in ranks] == [2, 2] and reference["world"] == 1
-    assert [r["strategy"] for r in ranks] == ["DataParallel", "DataParallel"]
+    assert [r["strategy"] for r in ranks] == ["Replicated", "Replicated"]
     assert ranks[0]["counters"] == ranks[1]["counters"] == reference["counters"]
     for name, value in reference["params"].items():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name

@@ -504,8 +504,8 @@ def check(verbose: bool = True) -> dict[str, Any]:
     from torch import nn
 
     from sassha_dist import Sassha
-    from sassha_dist.bench.memory_comm import Recorder
     from sassha_dist.bench.models import build_lm, train_step
+    from sassha_dist.bench.recorder import Recorder
 
     out: dict[str, Any] = {}
     lm = build_lm("tiny", seed=0)

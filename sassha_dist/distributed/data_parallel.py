@@ -28,19 +28,23 @@ import torch.distributed as dist
 
 from sassha_dist.distributed.strategy import Strategy
 
-__all__ = ["DataParallel"]
+__all__ = ["Replicated"]
 
 # Bounds of one flat all-reduce bucket of exact-Hessian tensors (torch DDP's default cap is 25 MiB).
 _MAX_BUCKET_BYTES = 25 * 2**20
 _MIN_BUCKET_BYTES = 2**16
 
 
-class DataParallel(Strategy):
-    """Replicated parameters in a data-parallel process group (``DistributedDataParallel``)."""
+class Replicated(Strategy):
+    """Replicated parameters in a data-parallel process group (``DistributedDataParallel``).
+
+    Named for what it holds, not ``DataParallel``: that is ``torch.nn.DataParallel``, which
+    SASSHA does not support (one process per GPU instead).
+    """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("DataParallel needs an initialised torch.distributed process group.")
+            raise ValueError("Replicated needs an initialised torch.distributed process group.")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)

@@ -772,6 +772,7 @@ class SasshaDeepSpeed:
         opt.counters[keys.GLOBAL_STEP] += 1
         if pending.hessian_due:
             opt.counters[keys.HESSIAN_REFRESHES] += 1
+            pending.report.hessian_refreshed = True
             opt.warn_on_underflow(pending.report)
 
     @torch.no_grad()

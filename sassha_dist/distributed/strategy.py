@@ -4,7 +4,8 @@ The optimizer's math never branches on the engine. Everything engine-specific
 (how a backward pass reduces gradients, whether double backward is allowed,
 where a local shard sits in its full parameter, how scalars are summed over
 ranks) goes through one :class:`Strategy`, chosen once by
-:func:`resolve_strategy`.
+:func:`sassha_dist.distributed.resolve.resolve_strategy`. This module imports no
+implementation, so the implementations import it without a cycle.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from sassha_dist.options import EngineCapabilities
 
-__all__ = ["ProbeSegment", "SingleProcess", "Strategy", "resolve_strategy"]
+__all__ = ["ProbeSegment", "SingleProcess", "Strategy", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -148,40 +148,3 @@ def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     value = value.detach().clone()
     dist.all_reduce(value, group=group)
     return value
-
-
-def _unsupported_engine(params: Sequence[torch.Tensor]) -> str | None:
-    for p in params:
-        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-            return "DeepSpeed ZeRO-3 partitioned parameters"
-    return None
-
-
-def resolve_strategy(params: Sequence[torch.Tensor]) -> Strategy:
-    """Pick the strategy for ``params``: the one place where engines are told apart.
-
-    DTensor parameters mean FSDP2 (``fully_shard``, HSDP included). Several
-    processes in an initialised process group with whole (replicated)
-    parameters mean data parallelism (DDP); one process means a single device.
-    Engines without a strategy yet are recognised and refused.
-    """
-    if params and all(isinstance(p, DTensor) for p in params):
-        from sassha_dist.distributed.fully_shard import FullyShard
-
-        return FullyShard(params)
-    if any(getattr(p, "_fsdp_flattened", False) for p in params):
-        raise ValueError(
-            "These parameters belong to an FSDP1 (FullyShardedDataParallel) module: build the optimizer "
-            "with strategy=sassha_dist.distributed.FlatShard(fsdp_model) (needs use_orig_params=True)."
-        )
-    unsupported = _unsupported_engine(params)
-    if unsupported is not None:
-        raise NotImplementedError(
-            f"Sassha does not support {unsupported} yet. Train with DDP or a single device, "
-            "or pass strategy=... with a Strategy for this engine."
-        )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from sassha_dist.distributed.data_parallel import DataParallel
-
-        return DataParallel()
-    return SingleProcess()

@@ -53,7 +53,7 @@ A step SASSHA skips for a non-finite loss, gradient or Hessian estimate
 (``on_nonfinite="skip"``) leaves parameters and optimizer state untouched; the
 Trainer still counts the step and steps the scheduler, as it does for any
 optimizer. Under DDP every micro-batch's backward inside the passes is reduced
-by DDP (the optimizer's ``DataParallel`` strategy, detected automatically),
+by DDP (the optimizer's ``Replicated`` strategy, detected automatically),
 and the exact-Hessian pass is all-reduced by the strategy.
 
 Training logs gain, for the last step before each log: ``sassha/grad_norm``
@@ -177,7 +177,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from sassha_dist import state_keys as keys
-from sassha_dist.distributed.strategy import resolve_strategy
+from sassha_dist.distributed.resolve import resolve_strategy
 from sassha_dist.optimizer import Sassha, StepReport
 from sassha_dist.presets import LM_WARMUP_ITERS, RECIPE_IMAGE, authors_options
 
