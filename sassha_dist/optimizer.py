@@ -45,6 +45,7 @@ from sassha_dist.functional import (
     state_dtype,
     update_hessian_ema,
 )
+from sassha_dist.hessian.finite_difference import DifferencePasses, hutchinson_by_differences
 from sassha_dist.hessian.hvp import (
     UNDERFLOW_SAFE_EPS,
     UNDERFLOW_WARNING_FRACTION,
@@ -633,19 +634,15 @@ class Sassha(Optimizer):
         fd_step = (
             self.options.fd_step if self.options.fd_step is not None else default_fd_step(params[0].dtype)
         )
-        h = finite_difference_step(fd_step, point_norm, num_elements)
-        central = self.options.fd_scheme == FD_CENTRAL
-        weight = 1.0 / ((2.0 * h if central else h) * self.options.n_samples)
         low_precision = any(state_dtype(p.dtype) != p.dtype for p in local_params)
         point = [p.detach().clone() for p in local_params] if low_precision else None
-        estimates: list[torch.Tensor] = []
-        for sample in range(self.options.n_samples):
-            signs = self._probes(pending, sample, dtype=torch.int8)
-            if central:
-                difference = self._central_difference(pending, point, signs, h, closures)
-            else:
-                difference = self._forward_difference(pending, point, signs, h, perturbed_grads, closures)
-            estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
+        estimates = hutchinson_by_differences(
+            _AutogradDifferences(self, pending, point, perturbed_grads, closures),
+            lambda sample: self._probes(pending, sample, dtype=torch.int8),
+            h=finite_difference_step(fd_step, point_norm, num_elements),
+            central=self.options.fd_scheme == FD_CENTRAL,
+            n_samples=self.options.n_samples,
+        )
         for p, g, perturbed in zip(params, saved_grads, perturbed_grads, strict=True):
             p.grad = g
             local = None if g is None else self.strategy.local(g)
@@ -1018,66 +1015,6 @@ class Sassha(Optimizer):
         segments = [[ProbeSegment(0, t.numel(), index, 0)] for t, index in zip(tensors, indices, strict=True)]
         return self.draw_probes(tensors, segments, sample)
 
-    def _central_difference(
-        self,
-        pending: StepState,
-        point: list[torch.Tensor] | None,
-        signs: list[torch.Tensor],
-        h: float,
-        closures: list[Closure],
-    ) -> list[torch.Tensor]:
-        """``g(w + hz) - g(w - hz)`` in the state dtype, in buffers the step owns.
-
-        Leaves the parameters at ``w``: copied from ``point``, or without one (full precision)
-        moved back by ``+hz``. Without ``point`` the second pass back-propagates the negated loss
-        onto the first gradient, so the difference forms in the gradient buffers (negation is
-        exact, so this equals the subtraction bit for bit).
-        """
-        locals_ = pending.locals
-        self._move_to(pending, point, signs, h)
-        self._accumulate_gradients(pending, closures)
-        if point is None:
-            torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
-            self._accumulate_gradients(pending, [_negated(c) for c in closures])
-            torch._foreach_add_(locals_, signs, alpha=h)
-            return self._take_grads(pending.params, locals_)
-        difference = self._take_state_grads(pending)
-        self._move_to(pending, point, signs, -h)
-        self._accumulate_gradients(pending, closures)
-        torch._foreach_sub_(difference, self._take_state_grads(pending))
-        torch._foreach_copy_(locals_, point)
-        return difference
-
-    def _forward_difference(
-        self,
-        pending: StepState,
-        point: list[torch.Tensor] | None,
-        signs: list[torch.Tensor],
-        h: float,
-        perturbed_grads: list[torch.Tensor],
-        closures: list[Closure],
-    ) -> list[torch.Tensor]:
-        """``g(w + hz) - g(w)`` in the state dtype, in buffers the step owns; parameters back at ``w``."""
-        self._move_to(pending, point, signs, h)
-        self._accumulate_gradients(pending, closures)
-        difference = self._take_state_grads(pending)
-        perturbed = [g.to(d.dtype) for g, d in zip(perturbed_grads, difference, strict=True)]
-        torch._foreach_sub_(difference, perturbed)
-        if point is None:
-            torch._foreach_add_(pending.locals, signs, alpha=-h)
-        else:
-            torch._foreach_copy_(pending.locals, point)
-        return difference
-
-    @staticmethod
-    def _move_to(
-        pending: StepState, point: list[torch.Tensor] | None, signs: list[torch.Tensor], h: float
-    ) -> None:
-        """Parameters to ``w + h z``: set exactly from ``point``, or moved from ``w`` without one."""
-        if point is not None:
-            torch._foreach_copy_(pending.locals, point)
-        torch._foreach_add_(pending.locals, signs, alpha=h)
-
     def _accumulate_gradients(self, pending: StepState, closures: list[Closure]) -> None:
         """Backward passes of all closures at the current parameters, accumulating into ``p.grad``."""
         with torch.enable_grad():
@@ -1147,6 +1084,63 @@ class Sassha(Optimizer):
             weight_decay_mode=self.options.weight_decay_mode,
             momentum_bias_correction=self.options.momentum_bias_correction,
         )
+
+
+class _AutogradDifferences(DifferencePasses):
+    """Finite differences whose passes accumulate into ``p.grad`` (single device, DDP, FSDP).
+
+    With full-precision parameters ``w`` is not copied: the passes move the parameters by
+    ``+hz, -2hz, +hz``, and the second central pass back-propagates the negated loss onto the
+    first gradient, so the difference forms in the gradient buffers (negation is exact, so this
+    equals the subtraction bit for bit). Low-precision parameters are set from the exact copy
+    ``point`` instead.
+    """
+
+    def __init__(
+        self,
+        optimizer: Sassha,
+        step: StepState,
+        point: list[torch.Tensor] | None,
+        gradient_at_point: list[torch.Tensor],
+        closures: list[Closure],
+    ) -> None:
+        self.optimizer, self.step, self.point = optimizer, step, point
+        self.gradient_at_point, self.closures = gradient_at_point, closures
+
+    def _move_to(self, signs: list[torch.Tensor], h: float) -> None:
+        """Parameters to ``w + h z``: set exactly from ``point``, or moved from ``w`` without one."""
+        if self.point is not None:
+            torch._foreach_copy_(self.step.locals, self.point)
+        torch._foreach_add_(self.step.locals, signs, alpha=h)
+
+    def central(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        opt, step, locals_ = self.optimizer, self.step, self.step.locals
+        self._move_to(signs, h)
+        opt._accumulate_gradients(step, self.closures)
+        if self.point is None:
+            torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
+            opt._accumulate_gradients(step, [_negated(c) for c in self.closures])
+            torch._foreach_add_(locals_, signs, alpha=h)
+            return opt._take_grads(step.params, locals_)
+        difference = opt._take_state_grads(step)
+        self._move_to(signs, -h)
+        opt._accumulate_gradients(step, self.closures)
+        torch._foreach_sub_(difference, opt._take_state_grads(step))
+        torch._foreach_copy_(locals_, self.point)
+        return difference
+
+    def forward(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        opt, step = self.optimizer, self.step
+        self._move_to(signs, h)
+        opt._accumulate_gradients(step, self.closures)
+        difference = opt._take_state_grads(step)
+        at_point = [g.to(d.dtype) for g, d in zip(self.gradient_at_point, difference, strict=True)]
+        torch._foreach_sub_(difference, at_point)
+        if self.point is None:
+            torch._foreach_add_(step.locals, signs, alpha=-h)
+        else:
+            torch._foreach_copy_(step.locals, self.point)
+        return difference
 
 
 def _validate_params(params: Iterable[torch.Tensor]) -> None:

@@ -94,8 +94,12 @@ import torch.distributed as dist
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 from sassha_dist.functional import sq_norm
+from sassha_dist.hessian.finite_difference import (
+    DifferencePasses,
+    difference_weight,
+    hutchinson_by_differences,
+)
 from sassha_dist.hessian.hvp import (
-    accumulate_hutchinson_,
     curvature_underflow,
     default_fd_step,
     finite_difference_step,
@@ -839,35 +843,18 @@ class SasshaDeepSpeed:
         fd_step = options.fd_step if options.fd_step is not None else default_fd_step(self.compute_dtype)
         h = finite_difference_step(fd_step, point_norm, opt.strategy.num_elements)
         central = options.fd_scheme == FD_CENTRAL
-        weight = 1.0 / ((2.0 * h if central else h) * options.n_samples)
-        estimates: list[torch.Tensor] = []
-        probe_sum = None if central else [torch.zeros_like(f) for f in flats]
-        for sample in range(options.n_samples):
-            signs = self._probes(flats, sample)
-            difference = self._gradient_at(flats, signs, h, closures)
-            if central:
-                self._move(flats, signs, -2.0 * h)
-                with torch.enable_grad():
-                    self._pass(closures, subtract_from=difference)
-            else:
-                torch._foreach_add_(probe_sum, signs)
-            estimates = accumulate_hutchinson_(estimates, signs, difference, weight)
-            torch._foreach_copy_(flats, point)  # back to w exactly, for the next probe or the last pass
+        passes = _ZeroDifferences(self, flats, point, closures)
+        pending.estimates = hutchinson_by_differences(
+            passes,
+            lambda sample: self._probes(flats, sample),
+            h=h,
+            central=central,
+            n_samples=options.n_samples,
+        )
         self.adapter.push_params()
-        pending.estimates = estimates
-        return None if central else (probe_sum, weight)
-
-    def _gradient_at(self, flats, signs, h, closures) -> list[torch.Tensor]:
-        """The gradient at ``flats + h z`` (moving the partitions there), in buffers of our own."""
-        self._move(flats, signs, h)
-        with torch.enable_grad():
-            _, grads = self._pass(closures)
-        return grads
-
-    def _move(self, flats: list[torch.Tensor], signs: list[torch.Tensor], h: float) -> None:
-        """Partitions (and the model's copy) to ``flats + h z``."""
-        torch._foreach_add_(flats, signs, alpha=h)
-        self.adapter.push_params()
+        if central:
+            return None
+        return passes.probe_sum, difference_weight(h, central=False, n_samples=options.n_samples)
 
     def _probes(self, flats: list[torch.Tensor], sample: int) -> list[torch.Tensor]:
         """Global probe ``sample`` on each partition as int8 signs, zero on ZeRO's padding."""
@@ -898,6 +885,55 @@ class SasshaDeepSpeed:
         finally:
             if moved:
                 self.adapter.push_params()
+
+
+class _ZeroDifferences(DifferencePasses):
+    """Finite differences through the engine, on ZeRO's fp32 partitions.
+
+    ``w - hz`` is reached from ``w + hz``, as ``Sassha.hessian_pass`` does, and the second
+    central gradient is subtracted straight from DeepSpeed's buffers. Unlike there, ``w`` is
+    copied (``point``) and restored after each probe: the perturbed pass comes after the finite
+    differences here, and its gradient must be taken at ``w`` exactly. The forward scheme returns
+    ``g(w + hz)`` and sums the probes: ``g(w)`` is the last pass's, subtracted afterwards.
+    """
+
+    def __init__(
+        self,
+        driver: SasshaDeepSpeed,
+        flats: list[torch.Tensor],
+        point: list[torch.Tensor],
+        closures: list[Closure],
+    ) -> None:
+        self.driver, self.flats, self.point, self.closures = driver, flats, point, closures
+        self.probe_sum: list[torch.Tensor] = []
+
+    def _move(self, signs: list[torch.Tensor], h: float) -> None:
+        """Partitions (and the model's copy) to ``flats + h z``."""
+        torch._foreach_add_(self.flats, signs, alpha=h)
+        self.driver.adapter.push_params()
+
+    def _gradient_at_moved(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        """The gradient at ``flats + h z`` (moving the partitions there), in buffers of our own."""
+        self._move(signs, h)
+        with torch.enable_grad():
+            _, grads = self.driver._pass(self.closures)
+        return grads
+
+    def central(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        difference = self._gradient_at_moved(signs, h)
+        self._move(signs, -2.0 * h)
+        with torch.enable_grad():
+            self.driver._pass(self.closures, subtract_from=difference)
+        torch._foreach_copy_(self.flats, self.point)  # back to w exactly, for the next probe or the last pass
+        return difference
+
+    def forward(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
+        difference = self._gradient_at_moved(signs, h)
+        if not self.probe_sum:
+            self.probe_sum = [torch.zeros_like(f) for f in self.flats]
+        torch._foreach_add_(self.probe_sum, signs)
+        torch._foreach_copy_(self.flats, self.point)
+        return difference
 
 
 # ------------------------------------------------------------------------------------ entry points
