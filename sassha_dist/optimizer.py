@@ -441,6 +441,17 @@ class Sassha(Optimizer):
 
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SASSHA step; returns the loss at the pre-step parameters (detached)."""
+        loss = self.run_passes(closure)
+        self.update()
+        return loss
+
+    def run_passes(self, closure: Closure | Sequence[Closure] | None) -> torch.Tensor:
+        """Every pass of a step, in order; the step is cancelled (theta restored) if one fails.
+
+        Leaves the parameters at theta + eps and the perturbed gradient in ``p.grad`` for
+        :meth:`update`: a loop may clip that gradient in between (as the Trainer does). Returns
+        the loss at theta.
+        """
         closures = _as_closures(closure)
         try:
             loss = self.gradient_pass(closures)
@@ -450,7 +461,6 @@ class Sassha(Optimizer):
         except BaseException:
             self.cancel()
             raise
-        self.update()
         return loss
 
     # -- the passes -----------------------------------------------------------------------

@@ -170,11 +170,8 @@ def train_step(
     if isinstance(optimizer, Sassha):
         if max_grad_norm is None:
             return optimizer.step(closure)
+        loss = optimizer.run_passes(closure)
         try:
-            loss = optimizer.gradient_pass(closure)
-            optimizer.perturb(loss)
-            optimizer.perturbed_pass(closure)
-            optimizer.hessian_pass(closure)
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             nn.utils.clip_grad_norm_(params, max_grad_norm)
         except BaseException:

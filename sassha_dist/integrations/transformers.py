@@ -806,22 +806,17 @@ class SasshaTrainer(Trainer):
         ``optimizer.step()``, which restores theta exactly and updates.
         """
         try:
-            loss = optimizer.gradient_pass(closures)
-            optimizer.perturb(loss)
-            optimizer.perturbed_pass(closures)
-            optimizer.hessian_pass(closures)
+            loss = optimizer.run_passes(closures)  # cancels the step itself on any error
         except RuntimeError as error:
-            optimizer.cancel()
             if "derivative for" in str(error) and "not implemented" in str(error):
                 raise RuntimeError(
                     f"{error}\nSASSHA's exact Hessian-vector products need a double backward through the "
                     "model, and one of its ops has none (typically fused SDPA / flash attention). Load the "
-                    "model with attn_implementation='eager' (or model.set_attn_implementation('eager')), "
-                    "or pass --optim_args hessian_method=finite_difference (first-order passes only)."
+                    "model with attn_implementation='eager' (or model.set_attn_implementation('eager'); "
+                    'for a script without that option, set "attn_implementation": "eager" in the model\'s '
+                    "config.json), or pass --optim_args hessian_method=finite_difference (first-order "
+                    "passes only)."
                 ) from error
-            raise
-        except BaseException:
-            optimizer.cancel()
             raise
         return loss.detach().to(self.args.device)
 
