@@ -350,6 +350,11 @@ class Sassha(Optimizer):
             )
         state_dict = super().state_dict()
         state_dict[keys.COUNTERS] = dict(self.counters)
+        # torch's get/set_optimizer_state_dict keep only "state" and "param_groups": the counters
+        # ride along in every group too, and load_state_dict takes them from there if needed.
+        state_dict["param_groups"] = [
+            {**g, keys.COUNTERS: dict(self.counters)} for g in state_dict["param_groups"]
+        ]
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -365,7 +370,12 @@ class Sassha(Optimizer):
         if self._pending is not None:
             raise RuntimeError("load_state_dict() inside a step (between perturb() and update()).")
         state_dict = dict(state_dict)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        in_groups = [g.pop(keys.COUNTERS, None) for g in groups]
+        state_dict["param_groups"] = groups
         counters = state_dict.pop(keys.COUNTERS, None)
+        if counters is None and in_groups and in_groups[0] is not None:
+            counters = in_groups[0]
         saved_state = state_dict.get("state", {})
         for saved in saved_state.values():
             missing = {keys.MOMENTUM, keys.HESSIAN_DIAG, keys.STEP, keys.HESSIAN_UPDATES} - set(saved)
@@ -439,11 +449,37 @@ class Sassha(Optimizer):
 
     # -- the one-call step ----------------------------------------------------------------
 
-    def step(self, closure: Closure | Sequence[Closure] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One SASSHA step; returns the loss at the pre-step parameters (detached)."""
+    def step(self, closure: Closure | Sequence[Closure] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """One SASSHA step; returns the loss at the pre-step parameters (detached).
+
+        ``step()`` without a closure is accepted only as torch's state initialisation
+        (:meth:`is_state_initialisation`): it creates the zero state and updates nothing.
+        """
+        if closure is None and not self.in_step and self.is_state_initialisation():
+            for p in self._trainable_params():
+                self._ensure_state(p)
+            return None
         loss = self.run_passes(closure)
         self.update()
         return loss
+
+    def is_state_initialisation(self) -> bool:
+        """Whether a closure-less ``step()`` is torch's state initialisation.
+
+        ``torch.distributed.checkpoint.state_dict``'s ``get/set_optimizer_state_dict`` create the
+        state of an optimizer that has none by setting all-zero gradients and ``lr = 0`` and
+        calling ``step()``: no state yet, every lr 0, every trainable parameter's gradient zero.
+        """
+        if self.state or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        for p in self._trainable_params():
+            grad = p.grad
+            if grad is None:
+                return False
+            local = self.strategy.local(grad)
+            if local.numel() and bool(local.any()):
+                return False
+        return True
 
     def run_passes(self, closure: Closure | Sequence[Closure] | None) -> torch.Tensor:
         """Every pass of a step, in order; the step is cancelled (theta restored) if one fails.

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import fully_shard
 from sassha_dist import Sassha, checkpoint, state_keys
 from sassha_dist.distributed import FullyShard, Replicated, SingleProcess
 from tests.distributed import run_ranks
+from tests.helpers import closure_for, make_batches, make_mlp
 from tests.sharded import KW
 
 BEFORE, AFTER = 5, 4  # lazy_hessian=3 refreshes at steps 1, 4, 7: the save is mid-cycle
@@ -349,3 +350,34 @@ def test_bf16_state_stays_fp32_through_dcp(tmp_path):
         assert fresh_opt.state[q]["momentum"].dtype == torch.float32
         assert torch.equal(fresh_opt.state[q]["hessian_diag"], optimizer.state[p]["hessian_diag"])
     assert not math.isnan(float(fresh_opt.step(lambda: nn.functional.mse_loss(fresh(x), y))))
+
+
+def test_torch_state_dict_functions_work_on_plain_sassha(tmp_path):
+    """torch's get/set_optimizer_state_dict on a plain Sassha (not only the Trainer's): the empty
+    optimizer's state is initialised through step() (zero gradients, lr 0), the counters travel
+    in the param groups, and the loaded optimizer continues bit for bit."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = make_mlp((3, 5, 1))
+    batch = make_batches(1, batch=8)[0]
+    opt = Sassha(model.parameters(), lr=0.05, lazy_hessian=2)
+    for _ in range(3):
+        opt.step(closure_for(model, batch))
+    saved = get_optimizer_state_dict(model, opt)
+    assert all(g[state_keys.COUNTERS][state_keys.GLOBAL_STEP] == 3 for g in saved["param_groups"])
+
+    twin = make_mlp((3, 5, 1))
+    twin.load_state_dict(model.state_dict())
+    fresh = Sassha(twin.parameters(), lr=0.05, lazy_hessian=2)
+    empty = get_optimizer_state_dict(twin, fresh)  # initialises the empty state through step()
+    assert all(float(s[state_keys.STEP]) == 0 for s in empty["state"].values())
+    fresh = Sassha(twin.parameters(), lr=0.05, lazy_hessian=2)
+    set_optimizer_state_dict(twin, fresh, saved)
+    assert fresh.counters == opt.counters
+    for _ in range(3):
+        opt.step(closure_for(model, batch))
+        fresh.step(closure_for(twin, batch))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs a closure"):
+        fresh.step()  # not the initialisation pattern (state exists): a closure is required

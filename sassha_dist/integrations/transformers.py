@@ -372,14 +372,9 @@ class TrainerSassha(Sassha):
       first pass that sees DTensor parameters (``FullyShard``: finite-difference
       Hessians and global probes under ``"auto"``). State is created lazily, so
       nothing was built for the old parameters.
-    * **torch.distributed.checkpoint.state_dict.** ``get_optimizer_state_dict``
-      / ``set_optimizer_state_dict`` (used by accelerate's FSDP checkpoints)
-      initialise empty state by setting zero gradients and ``lr=0`` and calling
-      ``step()`` without a closure; here that call creates the zero state and
-      updates nothing. They also keep only ``state`` and ``param_groups``, so
-      ``state_dict()`` repeats the optimizer-wide counters
-      (``state_keys.COUNTERS``) in every param group and ``load_state_dict``
-      takes them from there when the top-level entry is missing.
+    * **torch.distributed.checkpoint.state_dict** (accelerate's FSDP checkpoints): ``Sassha``
+      itself follows its state-initialisation protocol and keeps the counters in every param
+      group; here the strategy is detected again first, as above.
     """
 
     def __init__(self, params: Any, *args: Any, strategy: Any = None, **kwargs: Any) -> None:
@@ -416,47 +411,17 @@ class TrainerSassha(Sassha):
     def step(self, closure=None):  # type: ignore[override]
         if closure is not None:
             return super().step(closure)
-        if not self.in_step:
-            if self._is_state_initialisation():
-                self._follow_engine()
-                for p in self._trainable_params():
-                    self._ensure_state(p)
-                return None
+        if self.in_step:
+            return self.update().loss
+        if not self.is_state_initialisation():
             raise RuntimeError(
                 "TrainerSassha.step() without a closure finishes a step started by SasshaTrainer."
                 "training_step, and none is in progress. Outside the Trainer call step(closure)."
             )
-        report = self.update()
-        return report.loss
-
-    def _is_state_initialisation(self) -> bool:
-        """torch.distributed.checkpoint's state initialisation: no state, every lr 0, all-zero gradients."""
-        if self.state or any(float(group["lr"]) != 0.0 for group in self.param_groups):
-            return False
-        for p in self._trainable_params():
-            grad = p.grad
-            if grad is None:
-                return False
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            if local.numel() and bool(local.any()):
-                return False
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
-        counters = state_dict[keys.COUNTERS]
-        state_dict["param_groups"] = [
-            {**g, keys.COUNTERS: dict(counters)} for g in state_dict["param_groups"]
-        ]
-        return state_dict
+        self._follow_engine()
+        return super().step(None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        in_groups = [g.pop(keys.COUNTERS, None) for g in groups]
-        state_dict["param_groups"] = groups
-        if keys.COUNTERS not in state_dict and in_groups and in_groups[0] is not None:
-            state_dict[keys.COUNTERS] = dict(in_groups[0])
         self._follow_engine()
         super().load_state_dict(state_dict)
 
