@@ -142,7 +142,7 @@ def test_crash_during_save_keeps_latest_on_the_previous_checkpoint(tmp_path, mon
     def crashing_crc(file):  # dies while the manifest is being computed: the files are all there
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(checkpoint, "_crc32", crashing_crc)
+    monkeypatch.setattr(checkpoint.files, "crc32", crashing_crc)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(tmp_path, 4, model, optimizer)
     monkeypatch.undo()
