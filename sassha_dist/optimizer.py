@@ -34,6 +34,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from sassha_dist import state_keys as keys
+from sassha_dist.closures import Closure, all_finite_flag, as_closures, evaluate_closure, negated
 from sassha_dist.distributed.resolve import resolve_strategy
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy
 from sassha_dist.functional import (
@@ -89,11 +90,6 @@ __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport",
 
 logger = logging.getLogger(__name__)
 
-#: A closure evaluates the loss at the current parameters and returns it, with
-#: its graph, without calling ``backward``. A sequence of closures is a list of
-#: micro-batches whose losses add up to the step's loss.
-Closure = Callable[[], torch.Tensor]
-
 
 @dataclass
 class _FusedEstimate:
@@ -101,47 +97,6 @@ class _FusedEstimate:
 
     params: list[torch.Tensor]
     estimates: list[torch.Tensor]
-
-
-def _as_closures(closure: Closure | Sequence[Closure] | None) -> list[Closure]:
-    if closure is None:
-        raise ValueError(
-            "Sassha needs a closure: step(closure) where closure() returns the loss at the current "
-            "parameters (without calling backward). See Sassha's docstring for the pass-by-pass API."
-        )
-    closures = [closure] if callable(closure) else list(closure)
-    if not closures or not all(callable(c) for c in closures):
-        raise ValueError(
-            "Invalid closure: pass a callable or a non-empty sequence of callables (micro-batches)."
-        )
-    return closures
-
-
-def _negated(closure: Closure) -> Closure:
-    """The closure of the negated loss: its backward pass subtracts the gradient."""
-    return lambda: -closure()
-
-
-def _evaluate(closure: Closure) -> torch.Tensor:
-    with torch.enable_grad():
-        loss = closure()
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"The closure returned {type(loss).__name__}; it must return the loss as a tensor "
-            "(do not call .item() or backward inside it)."
-        )
-    if loss.numel() != 1:
-        raise ValueError(f"The closure returned a loss of shape {tuple(loss.shape)}; it must be a scalar.")
-    if not loss.requires_grad:
-        raise ValueError(
-            "The closure returned a loss with no graph (requires_grad=False): it must be computed from "
-            "the parameters with grad enabled, and must not be detached."
-        )
-    return loss.reshape(())
-
-
-def _finite(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(tensor).all()
 
 
 class Sassha(Optimizer):
@@ -488,7 +443,7 @@ class Sassha(Optimizer):
         :meth:`update`: a loop may clip that gradient in between (as the Trainer does). Returns
         the loss at theta.
         """
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         try:
             loss = self.gradient_pass(closures)
             self.perturb(loss)
@@ -527,7 +482,7 @@ class Sassha(Optimizer):
         self.zero_grad(set_to_none=True)
         self._fused = None
         self._start_rng_replay()
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         params = self._trainable_params()
         one_pass = self.one_pass_due()
         if one_pass and self.hessian_method == HESSIAN_EXACT and self._hessian_due(params):
@@ -590,7 +545,7 @@ class Sassha(Optimizer):
             params, local_params, probe_indices, group_indices, [], hessian_due, report, one_pass=one_pass
         )
         if loss is not None:
-            pending.checks.append(("loss", _finite(loss.detach())))
+            pending.checks.append(("loss", all_finite_flag(loss.detach())))
         fused, self._fused = self._fused, None
         if fused is not None and hessian_due:
             position = {id(p): i for i, p in enumerate(fused.params)}
@@ -603,7 +558,7 @@ class Sassha(Optimizer):
             )
             grad_norm = self.strategy.sum_scalar(sq_norm).sqrt()
             report.grad_norm = grad_norm
-            pending.checks.append(("gradient", _finite(grad_norm)))
+            pending.checks.append(("gradient", all_finite_flag(grad_norm)))
             if not one_pass:
                 step = self.counters[keys.GLOBAL_STEP] + 1
                 denominator = grad_norm + self.options.perturb_eps
@@ -630,7 +585,7 @@ class Sassha(Optimizer):
         an exact Hessian is due and the gradient came from elsewhere (then this pass adds it).
         """
         pending = self._require_pending("perturbed_pass")
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         exact_due = pending.hessian_due and self.hessian_method == HESSIAN_EXACT
         if pending.one_pass and not (exact_due and pending.estimates is None):
             pending.report.perturbed_loss = pending.report.loss
@@ -642,8 +597,8 @@ class Sassha(Optimizer):
         else:
             loss = self._backward_all(closures, pending.params)
         pending.report.perturbed_loss = loss
-        pending.checks.append(("perturbed loss", _finite(loss)))
-        pending.checks.append(("perturbed gradient", self._grads_finite(pending.params)))
+        pending.checks.append(("perturbed loss", all_finite_flag(loss)))
+        pending.checks.append(("perturbed gradient", self._gradsall_finite_flag(pending.params)))
         return loss
 
     @torch.no_grad()
@@ -667,7 +622,7 @@ class Sassha(Optimizer):
         pending = self._require_pending("hessian_pass")
         if not (pending.hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE):
             return
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         params, local_params = pending.params, pending.locals
         saved_grads = [p.grad for p in params]
         perturbed_grads = self._take_grads(params, local_params)
@@ -904,9 +859,9 @@ class Sassha(Optimizer):
         """
         replay = self._rng_replay
         if replay is None:
-            return _evaluate(closure)
+            return evaluate_closure(closure)
         with replay.around(index):
-            return _evaluate(closure)
+            return evaluate_closure(closure)
 
     def _backward_all(
         self,
@@ -1090,12 +1045,12 @@ class Sassha(Optimizer):
             for p, local in zip(params, local_params, strict=True)
         ]
 
-    def _grads_finite(self, params: list[torch.Tensor]) -> torch.Tensor:
+    def _gradsall_finite_flag(self, params: list[torch.Tensor]) -> torch.Tensor:
         return self._all_finite(self._local_grads(params, [self.strategy.local(p) for p in params]))
 
     def _all_finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """A local flag: ``update`` ANDs all flags over ranks in one collective."""
-        return _finite(sq_norm(tensors, foreach=self.options.foreach))
+        return all_finite_flag(sq_norm(tensors, foreach=self.options.foreach))
 
     def _first_nonfinite(self, checks: list[tuple[str, torch.Tensor]]) -> str | None:
         if not checks:
@@ -1165,7 +1120,7 @@ class _AutogradDifferences(DifferencePasses):
         opt._accumulate_gradients(step, self.closures)
         if self.point is None:
             torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
-            opt._accumulate_gradients(step, [_negated(c) for c in self.closures])
+            opt._accumulate_gradients(step, [negated(c) for c in self.closures])
             torch._foreach_add_(locals_, signs, alpha=h)
             return opt._take_grads(step.params, locals_)
         difference = opt._take_state_grads(step)

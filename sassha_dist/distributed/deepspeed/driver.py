@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from sassha_dist import state_keys as keys
+from sassha_dist.closures import as_closures
 from sassha_dist.distributed.deepspeed.config import check_config
 from sassha_dist.distributed.deepspeed.optimizer import ZeroSassha, _UpdatePlan
 from sassha_dist.distributed.deepspeed.partitions import _Zero3, _Zero12
@@ -23,7 +24,7 @@ from sassha_dist.hessian.hvp import (
     default_fd_step,
     finite_difference_step,
 )
-from sassha_dist.optimizer import FD_CENTRAL, _as_closures
+from sassha_dist.options import FD_CENTRAL
 from sassha_dist.step import StepReport, StepState
 
 Closure = Callable[[], torch.Tensor]
@@ -132,7 +133,7 @@ class SasshaDeepSpeed:
     # -- the step -------------------------------------------------------------------------
 
     def step(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
-        closures = _as_closures(closure)
+        closures = as_closures(closure)
         accumulation = self.engine.gradient_accumulation_steps()
         if self.scale_wrt_gas and len(closures) != accumulation:
             raise ValueError(
