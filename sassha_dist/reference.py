@@ -38,6 +38,9 @@ above equals ``(1/S) Σ_s z_s ⊙ (mean_r H_r z_s)`` exactly because ``z ⊙ z =
 where ``w - h z`` is computed as ``(w + h z) - 2h z``, the way full-precision ``Sassha`` reaches
 it without a copy of ``w`` (it differs from ``w - h z`` by at most one rounding).
 
+Every evaluation of ``f_r`` within one step replays the random numbers of its first
+(``replay_rng``, as in ``Sassha``): a loss with dropout keeps its masks across the passes.
+
 If any loss, ``g_r``, ``gt_r`` or ``Ht`` is non-finite the step is skipped: parameters are
 restored to exactly ``θ_t``, state and counters are unchanged and ``skipped_steps`` grows by one.
 State (``m``, ``D``) and all arithmetic use the parameter dtype promoted to at least float32.
@@ -53,6 +56,7 @@ import torch
 
 from sassha_dist.hessian.probes import probe_key, rademacher
 from sassha_dist.options import CHOICES
+from sassha_dist.rng import RngReplay
 
 __all__ = ["ReferenceConfig", "ReferenceSassha"]
 
@@ -87,6 +91,7 @@ class ReferenceConfig:
     probe_mode: str = "per_rank"
     local_perturbation: bool = False
     momentum_bias_correction: bool = True
+    replay_rng: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -94,6 +99,14 @@ class ReferenceConfig:
                 raise ValueError(f"Invalid {name}={getattr(self, name)!r}. Must be one of {allowed}.")
         if self.lazy_hessian < 1 or self.n_samples < 1:
             raise ValueError(f"Invalid {self.lazy_hessian=}, {self.n_samples=}. Both must be >= 1.")
+
+
+@dataclass(frozen=True)
+class _RankBatch:
+    """An emulated rank's batch, tagged with the rank for the random-number replay."""
+
+    rank: int
+    batch: object
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -236,11 +249,25 @@ class ReferenceSassha:
         if W < 1:
             raise ValueError("Need at least one batch (one per emulated rank).")
         theta_saved = [p.detach().clone() for p in self.params]  # exact θ_t, param dtype
+        if self.config.replay_rng:
+            # Every evaluation of rank r's loss in this step draws the random numbers of its first
+            # (dropout masks), as Sassha's replay_rng does; ranks are evaluated first in order.
+            replay, rank_loss = RngReplay([]), loss_fn
+            ranked = [_RankBatch(r, b) for r, b in enumerate(batches)]
+
+            def replayed(params, ranked_batch):
+                with replay.around(ranked_batch.rank):
+                    return rank_loss(params, ranked_batch.batch)
+
+            loss_fn, batches = replayed, ranked
         try:
             return self._step(loss_fn, batches, theta_saved)
         except BaseException:  # a failing loss_fn must not leave the params at a probe point
             self._write(theta_saved)
             raise
+        finally:
+            if self.config.replay_rng:
+                replay.finish()
 
     def _step(self, loss_fn, batches: list, theta_saved: Tensors) -> float:
         W, cfg = len(batches), self.config
