@@ -52,12 +52,17 @@ def test_step_time_smoke(capsys):
         "SASSHA exact k=2",
         "SASSHA FD central k=1",
         "SASSHA FD central k=2",
+        "SASSHA ρ=0 exact k=2",
+        "SASSHA ρ=0 FD central k=2",
     ]
     for row in result["rows"]:
         assert _finite_positive(row["vs_adamw"]) and _finite_positive(row["vs_floor"])
     floors = {r["name"]: r["floor_passes"] for r in result["rows"]}
     assert floors["AdamW"] == 1 and floors["SAM-AdamW"] == 2
     assert floors["SASSHA FD central k=1"] > floors["SASSHA FD central k=2"] > 2
+    # rho = 0: one pass per step, 1 + c/k (c of the same method, the same k as the two-pass row)
+    for label in ("exact", "FD central"):
+        assert floors[f"SASSHA ρ=0 {label} k=2"] == pytest.approx(floors[f"SASSHA {label} k=2"] - 1)
     assert not any(result["skipped_steps"].values())
 
 
