@@ -469,7 +469,8 @@ class Sassha(Optimizer):
         fused into that one pass.
         """
         step = self.counters[keys.GLOBAL_STEP] + 1
-        return all(self.rho_at(group, step) == 0.0 for group in self.param_groups if group["params"])
+        # Every group counts, empty or not: ZeRO-3 keeps its groups empty outside engine.step().
+        return all(self.rho_at(group, step) == 0.0 for group in self.param_groups)
 
     def gradient_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
         """Zero the gradients and accumulate the gradient at the current parameters; returns the loss.

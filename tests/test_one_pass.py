@@ -354,9 +354,9 @@ def _zero_stages(rank: int, world: int) -> dict[int, dict]:
         losses, records = [], []
         for _ in range(zero.STEPS):
             calls.append(0)
-            # Not at stage 3: there ZeroSassha's param_groups are empty outside the engine's step,
-            # and one_pass_due() answers True whatever rho is (the driver asks it inside the step).
-            one_pass = inner.one_pass_due() if stage < 3 else None
+            # At stage 3 ZeroSassha's param_groups are empty outside the engine's step: the
+            # answer must not depend on that.
+            one_pass = inner.one_pass_due()
             losses.append(sassha.step(closure).item())
             records.append((one_pass, sassha.last_report.hessian_refreshed, calls[-1]))
         out[stage] = {
