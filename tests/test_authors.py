@@ -337,8 +337,7 @@ def test_trainer_optim_args_reach_the_lm_recipe(tmp_path):
     assert kwargs["rho"] == PiecewiseConstant((0.0, 0.05), (11,))
     assert kwargs["hessian_power"] == PiecewiseConstant((1.0, 0.8), (21,))
     assert kwargs["bias_correction"] == "none" and kwargs["momentum_bias_correction"] is False
-    plain = SasshaTrainingArguments(
-        output_dir=str(tmp_path), optim="sassha", optim_args="rho_warmup_iters=10", report_to=[]
-    )
-    with pytest.raises(ValueError, match="need recipe=lm"):
-        sassha_optimizer_kwargs(plain)
+    with pytest.raises(ValueError, match="need recipe=lm"):  # when the arguments are built
+        SasshaTrainingArguments(
+            output_dir=str(tmp_path), optim="sassha", optim_args="rho_warmup_iters=10", report_to=[]
+        )

@@ -1,31 +1,44 @@
 """The main job, end to end: ``accelerate launch ... integrations/run_clm.py --optim sassha``.
 
 Each test launches real processes through ``accelerate launch`` with the configs
-in ``launch/accelerate/``, exactly as the README does, with fewer steps.
+in ``launch/accelerate/``, exactly as the README does, with fewer steps. The jobs share one
+cache directory (``SASSHA_DIST_CACHE``): the corpora and the base model are built once for the
+module (~25 s, the same build a user's first run does), then every job loads them.
 """
 
 from __future__ import annotations
 
+import ast
 import json
-import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
+from sassha_dist.integrations.embedded import base_gpt2
 from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+MAIN_STEPS = 40
+DEEPSPEED_WARNING = "we were unable to detect it"  # DeepSpeed's "Setting accelerator to CPU. ..."
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    base_gpt2(root)  # what the first run of the job does; in-process, one thread
+    return root
+
+
+def _env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        SASSHA_DIST_CACHE=str(tmp_path / "cache"),  # the corpus is built from scratch here
+        SASSHA_DIST_CACHE=str(cache),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
@@ -35,9 +48,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(
-    command: list[str], tmp_path: Path, timeout: int, extra_env: dict[str, str] | None = None
+    command: list[str], cache: Path, timeout: int, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**(extra_env or {}), **_env(tmp_path)}  # the caller's environment wins
+    env = {**(extra_env or {}), **_env(cache)}  # the caller's environment wins
     result = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -47,51 +60,118 @@ def _run(
     return result
 
 
-def test_main_command_reduces_perplexity(tmp_path):
-    out = tmp_path / "clm"
+def _training_logs(stdout: str) -> list[dict]:
+    """The Trainer's training log lines (printed dicts with a "loss")."""
+    return [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'loss'")]
+
+
+@pytest.fixture(scope="module")
+def main_job(cache, tmp_path_factory):
+    """The README's command #1 with fewer steps: fine-tunes the base model on one CPU process."""
+    out = tmp_path_factory.mktemp("clm")
     result = _run(
         [
             *ACCELERATE, "--config_file", "launch/accelerate/cpu.yaml", "integrations/run_clm.py",
             "--optim", "sassha", "--output_dir", str(out),
-            "--max_steps", "30", "--eval_strategy", "no", "--logging_steps", "5", "--disable_tqdm", "true",
+            "--max_steps", str(MAIN_STEPS), "--eval_strategy", "no", "--logging_steps", "10",
+            "--disable_tqdm", "true",
         ],
-        tmp_path,
+        cache,
+        timeout=600,
+    )  # fmt: skip
+    return result, json.loads((out / "all_results.json").read_text()), out
+
+
+def test_main_command_fine_tunes_the_base_model(main_job):
+    result, metrics, out = main_job
+    assert metrics["steps"] == MAIN_STEPS and metrics["eval_blocks"] == 256
+    assert "untrained_perplexity" not in metrics
+    # The base model is pretrained (an untrained one is at ~254, uniform over the used bytes), and
+    # fine-tuning lowers the fine-tuning split's eval perplexity below the base model's.
+    assert metrics["base_perplexity"] < 30, metrics
+    assert metrics["perplexity"] < metrics["base_perplexity"], metrics
+    assert "Base model: eval loss" in result.stdout
+    assert f"Fine-tuned ({MAIN_STEPS} steps of sassha): eval loss" in result.stdout
+    assert "Pretraining the base model" not in result.stdout  # the cached base model was loaded
+    assert "rho=0.05,lazy_hessian=10,betas=0.9:0.999), lr 0.15" in result.stdout  # Sassha's defaults
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    # No DeepSpeed warning on a run that does not use DeepSpeed.
+    assert DEEPSPEED_WARNING not in result.stdout + result.stderr
+    # SASSHA's diagnostics in the Trainer's logs: one Hessian refresh per 10 steps, logged every 10.
+    logs = _training_logs(result.stdout)
+    assert len(logs) == MAIN_STEPS // 10
+    assert [float(h["sassha/hessian_refreshes_since_log"]) for h in logs] == [1.0] * len(logs)
+    assert [float(h["sassha/hessian_refreshes"]) for h in logs] == [1.0, 2.0, 3.0, 4.0]
+    assert all("sassha/hessian_refreshed" not in h for h in logs)
+
+
+def test_from_scratch_flag_trains_from_a_random_initialisation(cache, tmp_path):
+    out = tmp_path / "clm"
+    result = _run(
+        [
+            *ACCELERATE, "--config_file", "launch/accelerate/cpu.yaml", "integrations/run_clm.py",
+            "--optim", "sassha", "--from_scratch", "--output_dir", str(out),
+            "--max_steps", "30", "--eval_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true",
+        ],
+        cache,
         timeout=600,
     )  # fmt: skip
     metrics = json.loads((out / "all_results.json").read_text())
-    assert metrics["steps"] == 30
+    assert metrics["steps"] == 30 and "base_perplexity" not in metrics
     assert metrics["untrained_perplexity"] > 150  # ~uniform over the byte vocabulary's used part
     assert metrics["perplexity"] < 0.5 * metrics["untrained_perplexity"], metrics
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    assert "FROM SCRATCH" in result.stdout and "perplexity" in result.stdout
-    assert (tmp_path / "cache").is_dir()
-    # The Trainer's logs carry SASSHA's diagnostics.
-    assert "sassha/hessian_mean" in result.stdout
+    assert "FROM SCRATCH" in result.stdout and "Untrained model: eval loss" in result.stdout
+    assert "rho=0.1,lazy_hessian=10,betas=0.9:0.99), lr 0.6" in result.stdout  # the tuned settings
 
 
-def test_main_job_under_deepspeed_zero2_bf16(tmp_path):
+def test_ddp_main_job_evaluates_exactly_like_one_process(cache, main_job, tmp_path):
+    """Two gloo processes (cpu_ddp.yaml) evaluate the base model on the same 256 blocks and report
+    the one-process eval loss to rounding. Before, on all 363 blocks, DDP reported 5.5383 against
+    5.5402 for the untrained model: the second process padded its last batch with 21 repeated blocks
+    (accelerate's even_batches), and the Trainer's eval_loss, a mean of batch means, counted them."""
+    out = tmp_path / "clm"
+    result = _run(
+        [
+            *ACCELERATE, "--config_file", "launch/accelerate/cpu_ddp.yaml",
+            "--main_process_port", str(free_port()), "integrations/run_clm.py", "--optim", "sassha",
+            "--output_dir", str(out), "--max_steps", "4", "--eval_strategy", "no", "--disable_tqdm", "true",
+        ],
+        cache,
+        timeout=600,
+    )  # fmt: skip
+    metrics = json.loads((out / "all_results.json").read_text())
+    single = main_job[1]
+    assert metrics["eval_blocks"] == single["eval_blocks"] == 256
+    assert metrics["base_eval_loss"] == pytest.approx(single["base_eval_loss"], rel=1e-6, abs=0)
+    assert "x 1 x 2 blocks" in result.stdout  # two processes
+    assert DEEPSPEED_WARNING not in result.stdout + result.stderr
+
+
+def test_main_job_under_deepspeed_zero2_bf16(cache, main_job, tmp_path):
     """The main job through launch/accelerate/deepspeed_zero2.yaml (2 ranks, bf16, DeepSpeed on the CPU).
 
-    The untrained evaluation is skipped (transformers evaluates through DeepSpeed only after
-    train()); the byte-level model starts at ln(256) = 5.55 nats. Under --bf16 run_clm adds eps=1e-2:
-    with eps=1e-4 the coordinates whose bf16 finite-difference estimate underflowed to 0 sent the
-    loss from 5.5 to 670 in one step; with it 30 steps reach an eval loss of 3.3."""
+    The base model's evaluation is skipped (transformers evaluates through DeepSpeed only after
+    train()); the one-process job measured it on the same blocks. Under --bf16 run_clm adds
+    eps=1e-2: with eps=1e-4 the coordinates whose bf16 finite-difference estimate underflowed to 0
+    sent the loss from 5.5 to 670 in one step (from scratch); with it 40 steps of fine-tuning lower
+    the eval loss below the base model's (2.7338 -> 2.7116)."""
     out = tmp_path / "clm"
     result = _run(
         [
             *ACCELERATE, "--config_file", "launch/accelerate/deepspeed_zero2.yaml",
             "--main_process_port", str(free_port()),
             "integrations/run_clm.py", "--optim", "sassha", "--bf16", "--output_dir", str(out),
-            "--max_steps", "30", "--eval_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true",
+            "--max_steps", "40", "--eval_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true",
         ],
-        tmp_path,
+        cache,
         timeout=600,
         extra_env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / ".torch_extensions")},
     )  # fmt: skip
     metrics = json.loads((out / "all_results.json").read_text())
-    assert metrics["steps"] == 30 and "untrained_perplexity" not in metrics
-    assert metrics["eval_loss"] < 0.75 * math.log(256), metrics
+    assert metrics["steps"] == 40 and "base_perplexity" not in metrics
+    assert metrics["eval_loss"] < main_job[1]["base_eval_loss"], metrics
+    assert "Base model: not evaluated under DeepSpeed" in result.stdout
     assert "eps=1e-2" in result.stdout and "underflowed" not in result.stderr + result.stdout
 
 
@@ -137,7 +217,7 @@ _RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_through_accelerate_matches_one_process(tmp_path):
+def test_ddp_through_accelerate_matches_one_process(cache, tmp_path):
     """2 gloo ranks x micro-batch 2 x 2 accumulation steps against 1 process x 4 x 2: the same 8 blocks
     per step. With global probes (the same z on every rank) the averaged Hessian estimate is the
     one-process estimate; only the summation order differs (per-rank halves, then the all-reduce).
@@ -162,10 +242,10 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
             "2",
             "2",
         ],
-        tmp_path,
+        cache,
         timeout=600,
     )
-    _run([sys.executable, str(script), str(single), "4", "2"], tmp_path, timeout=600)
+    _run([sys.executable, str(script), str(single), "4", "2"], cache, timeout=600)
     ranks = [torch.load(ddp / f"rank{r}.pt") for r in range(2)]
     reference = torch.load(single / "rank0.pt")
     assert [r["world"] for r in ranks] == [2, 2] and reference["world"] == 1
@@ -176,10 +256,10 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_dataset_name_trains_on_a_local_datasets_directory(tmp_path):
+def test_dataset_name_trains_on_a_local_datasets_directory(cache, tmp_path):
     """--dataset_name goes through datasets.load_dataset (here a local directory with train and
     validation text files, offline): the description names the dataset's validation split, and
-    training on it lowers the evaluation loss from the untrained model's."""
+    fine-tuning the base model on it lowers the evaluation loss well below the base model's."""
     data = tmp_path / "data"
     data.mkdir()
     words = [
@@ -209,10 +289,10 @@ def test_dataset_name_trains_on_a_local_datasets_directory(tmp_path):
             sys.executable, "integrations/run_clm.py", "--dataset_name", str(data), "--output_dir", str(out),
             "--block_size", "64", "--max_steps", "20", "--eval_strategy", "no", "--disable_tqdm", "true",
         ],
-        tmp_path,
+        cache,
         timeout=600,
         extra_env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")},
     )  # fmt: skip
     assert f"{data}, validation split" in result.stdout
     metrics = json.loads((out / "all_results.json").read_text())
-    assert metrics["eval_loss"] < 0.75 * metrics["untrained_eval_loss"], metrics
+    assert metrics["eval_loss"] < 0.75 * metrics["base_eval_loss"], metrics

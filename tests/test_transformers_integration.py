@@ -225,7 +225,7 @@ def test_trainer_with_accumulation_matches_a_reference_loop(tmp_path, max_grad_n
     if max_grad_norm > 0:  # clipping was active: the Trainer logs the perturbed gradient's pre-clip norm
         assert all(h["grad_norm"] > max_grad_norm for h in logs)
     # SASSHA's diagnostics join the Trainer's logs.
-    assert [h["sassha/hessian_refreshed"] for h in logs] == [1.0, 0.0, 1.0, 0.0]
+    assert [h["sassha/hessian_refreshes_since_log"] for h in logs] == [1.0, 0.0, 1.0, 0.0]
     assert logs[-1]["sassha/hessian_refreshes"] == 2.0 and logs[-1]["sassha/skipped_steps"] == 0.0
     assert logs[-1]["sassha/hessian_max"] >= logs[-1]["sassha/hessian_mean"] > 0
     assert all(h["sassha/grad_norm"] > 0 for h in logs)
@@ -255,6 +255,31 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert full_counters[keys.HESSIAN_REFRESHES] == steps // 2
     for (name, a), b in zip(_params(full).items(), _params(resumed).values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_logs_count_hessian_refreshes_since_the_last_log(tmp_path):
+    """Refreshes at steps 1, 3, 5 (k = 2), a log every 3 steps: 2 then 1. Resumed from step 3,
+    the first log counts this run's refreshes only (1), while the running total continues (3)."""
+    settings = {
+        "max_steps": 6,
+        "optim_args": "rho=0.05,lazy_hessian=2",
+        "logging_steps": 3,
+        "save_strategy": "steps",
+        "save_steps": 3,
+    }
+    data = BlockDataset(_blocks(48))
+    trainer = SasshaTrainer(model=_model(), args=_args(tmp_path / "a", **settings), train_dataset=data)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [3, 6]
+    assert [h["sassha/hessian_refreshes_since_log"] for h in logs] == [2.0, 1.0]
+    assert [h["sassha/hessian_refreshes"] for h in logs] == [2.0, 3.0]
+
+    resumed = SasshaTrainer(model=_model(), args=_args(tmp_path / "b", **settings), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
+    logs = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 3]
+    assert [h["sassha/hessian_refreshes_since_log"] for h in logs] == [1.0]
+    assert [h["sassha/hessian_refreshes"] for h in logs] == [3.0]
 
 
 # -- set-up ------------------------------------------------------------------------------

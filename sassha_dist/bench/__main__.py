@@ -45,7 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
             "machine 1 is far less noisy: spinning threads wait for each other",
         )
         p.set_defaults(module=module)
+        _show_defaults(p)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default to its help, so that ``--help`` shows it.
+
+    Options whose default is ``None`` or ``False`` (a flag) are left as they are; where ``None``
+    stands for a computed value, their help says which.
+    """
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
+            continue
+        if action.help == argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            continue
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        shown = shown.replace("%", "%%")
+        action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -56,13 +56,20 @@ optimizer. Under DDP every micro-batch's backward inside the passes is reduced
 by DDP (the optimizer's ``Replicated`` strategy, detected automatically),
 and the exact-Hessian pass is all-reduced by the strategy.
 
-Training logs gain, for the last step before each log: ``sassha/grad_norm``
-(norm of the gradient at theta, which scales the perturbation),
-``sassha/sharpness`` (the window's loss at theta + eps minus at theta),
-``sassha/hessian_mean`` / ``sassha/hessian_max`` (of ``D``, bias-uncorrected),
-``sassha/hessian_refreshed`` (1 if that step refreshed ``D``),
-``sassha/hessian_refreshes`` and ``sassha/skipped_steps`` (running totals).
-The Trainer's own ``grad_norm`` is the perturbed gradient's, before clipping.
+Training logs gain these keys (README, "What the logs say"):
+
+* ``sassha/grad_norm``: the norm of the gradient at theta, on the last step before
+  the log. It only scales the perturbation (eps = rho g / ||g||). The Trainer's
+  own ``grad_norm`` beside it is another gradient: the perturbed one at
+  theta + eps, before clipping, the one the update uses.
+* ``sassha/sharpness``: on that step, the window's loss at theta + eps minus at theta.
+* ``sassha/hessian_mean`` / ``sassha/hessian_max``: of ``D``, the EMA of the
+  absolute Hessian diagonal, bias-uncorrected, now.
+* ``sassha/hessian_refreshes_since_log``: Hessian refreshes since the previous
+  training log (this run's, after a resume); ``logging_steps / lazy_hessian``
+  on average.
+* ``sassha/hessian_refreshes`` and ``sassha/skipped_steps``: running totals
+  (a resumed run continues its checkpoint's).
 
 FSDP2 (accelerate's FSDP plugin, ``fsdp_version: 2``)
 -----------------------------------------------------
@@ -166,14 +173,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from sassha_dist import state_keys as keys
@@ -186,14 +196,21 @@ __all__ = [
     "SasshaTrainer",
     "SasshaTrainingArguments",
     "TrainerSassha",
+    "check_sassha_arguments",
     "parse_sassha_optim_args",
+    "quiet_deepspeed_cpu_warning",
     "sassha_optimizer_kwargs",
+    "uses_deepspeed",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: The ``--optim`` value that selects SASSHA.
 SASSHA = "sassha"
+
+#: The code objects whose frames tell who is building or reading the arguments.
+_TRAINER_INIT_CODE = inspect.unwrap(Trainer.__init__).__code__
+_PARSE_ARGS_CODE = inspect.unwrap(HfArgumentParser.parse_args_into_dataclasses).__code__
 
 #: Keywords of ``Sassha`` that ``optim_args`` may not set, and where they come from instead.
 _RESERVED = {
@@ -239,7 +256,13 @@ class SasshaTrainingArguments(TrainingArguments):
         super().__post_init__()
         if is_sassha:
             self.optim = SASSHA
-            parse_sassha_optim_args(self.optim_args)  # fail at start-up on a bad optim_args
+            try:
+                check_sassha_arguments(self)  # fail at start-up on a bad optim_args or value
+            except ValueError as error:
+                parser = _command_line_parser()
+                if parser is not None:
+                    _command_line_error(parser.prog, str(error))
+                raise
 
     def set_optimizer(self, name: str | OptimizerNames = "adamw_torch", *args: Any, **kwargs: Any):
         """The stock ``set_optimizer``, also accepting ``name="sassha"``."""
@@ -247,8 +270,68 @@ class SasshaTrainingArguments(TrainingArguments):
             return super().set_optimizer(name, *args, **kwargs)
         super().set_optimizer(OptimizerNames.ADAMW_TORCH, *args, **kwargs)
         self.optim = SASSHA
-        parse_sassha_optim_args(self.optim_args)
+        check_sassha_arguments(self)
         return self
+
+    def get_process_log_level(self) -> int:
+        """The stock ``get_process_log_level``; an error when a stock ``Trainer`` calls it (optim="sassha").
+
+        ``Trainer.__init__`` calls it right after creating its Accelerator, before it touches the
+        model, so a stock ``Trainer`` (which would fail only when ``train()`` creates the optimizer:
+        "Trainer cannot instantiate unsupported optimizer: sassha") is refused at construction.
+        """
+        if self.optim == SASSHA:
+            caller = sys._getframe(1)
+            trainer = caller.f_locals.get("self") if caller.f_code is _TRAINER_INIT_CODE else None
+            if trainer is not None and not isinstance(trainer, SasshaTrainer):
+                raise TypeError(
+                    f"optim='sassha' needs SasshaTrainer, not {type(trainer).__name__}: the stock Trainer "
+                    "cannot run SASSHA's passes (it would fail at train() with 'Trainer cannot instantiate "
+                    "unsupported optimizer: sassha'). Use SasshaTrainer(...) in place of Trainer(...), with "
+                    "the same arguments: from sassha_dist.integrations.transformers import SasshaTrainer."
+                )
+        return super().get_process_log_level()
+
+
+def check_sassha_arguments(args: TrainingArguments) -> dict[str, Any]:
+    """Validate ``optim="sassha"``'s settings at start-up, before any model or data exists.
+
+    Parses ``optim_args`` (unknown keys, values of the wrong type) and checks every value
+    (``rho=-1``, ``betas=0.9:1.5``, ``lazy_hessian=0``, a negative ``--learning_rate`` or
+    ``--weight_decay``) by building a throwaway :class:`~sassha_dist.Sassha` over one
+    single-device scalar (optimizer state is created lazily, so nothing else is allocated).
+    What depends on the engine (exact Hessians under FSDP2 or DeepSpeed, ...) is checked when
+    ``SasshaTrainer`` starts. Returns the keywords. Raises ``ValueError`` naming the fix.
+    """
+    from sassha_dist.distributed.strategy import SingleProcess
+
+    kwargs = sassha_optimizer_kwargs(args)
+    probe = torch.zeros(1, requires_grad=True)
+    Sassha([probe], **{"weight_decay": args.weight_decay, **kwargs}, strategy=SingleProcess())
+    return kwargs
+
+
+def _command_line_parser() -> HfArgumentParser | None:
+    """The ``HfArgumentParser`` whose ``parse_args_into_dataclasses`` is building these arguments, if any."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code is _PARSE_ARGS_CODE:
+            return frame.f_locals.get("self")
+    return None
+
+
+def _command_line_error(prog: str, message: str) -> NoReturn:
+    """What argparse does with a bad option: ``prog: error: message`` on stderr, exit status 2.
+
+    Without the usage text (TrainingArguments has hundreds of options), and on the first rank
+    only, so a launch of several processes prints the line once.
+    """
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 #: ``optim_args`` keys that choose one of the authors' recipes (``Sassha.authors``) and its warm-ups.
@@ -528,8 +611,13 @@ class SasshaTrainer(Trainer):
         if training_args is not None and _selects_sassha(training_args, kwargs):
             # Before the Accelerator exists: refuse what the arguments alone already rule out.
             _check_arguments(training_args)
+        if training_args is not None and not uses_deepspeed(training_args):
+            quiet_deepspeed_cpu_warning()
         super().__init__(*args, **kwargs)
         self._sassha_window: list[tuple[dict[str, Any], Any]] = []
+        #: The Hessian-refresh count at the last training log (set when training starts).
+        self._sassha_refreshes_logged: int | None = None
+        self.add_callback(_SasshaLogMark(self))
         if isinstance(self.optimizer, Sassha) and not isinstance(self.optimizer, TrainerSassha):
             raise TypeError(
                 "SasshaTrainer needs a TrainerSassha (a Sassha whose closure-less step() finishes the "
@@ -808,12 +896,60 @@ class SasshaTrainer(Trainer):
         logs["sassha/hessian_mean"] = stats["hessian_mean"]
         logs["sassha/hessian_max"] = stats["hessian_max"]
         refreshes = optimizer.counters[keys.HESSIAN_REFRESHES]
-        logs["sassha/hessian_refreshed"] = float(report.hessian_refreshed)
+        logs["sassha/hessian_refreshes_since_log"] = float(refreshes - (self._sassha_refreshes_logged or 0))
         logs["sassha/hessian_refreshes"] = float(refreshes)
         logs["sassha/skipped_steps"] = float(optimizer.skipped_steps)
         return logs
 
+    def _mark_sassha_log(self) -> None:
+        """Remember the Hessian-refresh count, from which the next log counts its refreshes."""
+        optimizer = self._sassha()
+        refreshes = None if optimizer is None else optimizer.counters[keys.HESSIAN_REFRESHES]
+        self._sassha_refreshes_logged = refreshes
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log, not an evaluation or the final summary
             logs.update(self.sassha_diagnostics())
+            self._mark_sassha_log()
         super().log(logs, start_time)
+
+
+class _SasshaLogMark(TrainerCallback):
+    """Marks the Hessian-refresh count when training starts, after a checkpoint was loaded.
+
+    So ``sassha/hessian_refreshes_since_log`` counts this run's refreshes also on the first log
+    after ``resume_from_checkpoint``.
+    """
+
+    def __init__(self, trainer: SasshaTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._mark_sassha_log()
+
+
+def uses_deepspeed(args: TrainingArguments) -> bool:
+    """Whether a run with these arguments trains through DeepSpeed (``--deepspeed`` or accelerate's)."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    return bool(getattr(args, "deepspeed", None)) or from_accelerate
+
+
+class _DropDeepSpeedCpuProbe(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU.")
+
+
+def quiet_deepspeed_cpu_warning() -> None:
+    """Drop DeepSpeed's "Setting accelerator to CPU. ... we were unable to detect it." on runs without it.
+
+    accelerate imports DeepSpeed whenever it is installed, to recognise a DeepSpeed engine when it
+    unwraps a model (``extract_model_from_parallel``, called by ``Trainer.__init__`` and
+    ``save_pretrained``); on a machine without a GPU DeepSpeed's import then logs that warning,
+    although nothing uses DeepSpeed. This filter on DeepSpeed's logger drops that one message;
+    every other DeepSpeed message stays. (With ``DS_ACCELERATOR=cpu`` DeepSpeed does not probe.)
+    """
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropDeepSpeedCpuProbe) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropDeepSpeedCpuProbe())
