@@ -283,18 +283,7 @@ def stdlib_corpus(directory: str | os.PathLike | None = None, refresh: bool = Fa
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     root = Path(directory) if directory is not None else cache_dir()
     folder = root / f"stdlib-docs-v{_CORPUS_VERSION}-{version}-{modules_key}"
-    train_path, validation_path = folder / "train.txt", folder / "validation.txt"
-    if refresh or not (train_path.exists() and validation_path.exists()):
-        documents = _documents(STDLIB_MODULES)
-        train = [d for i, d in enumerate(documents) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
-        validation = [d for i, d in enumerate(documents) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
-        _atomic_write(train_path, "\n\n".join(train) + "\n")
-        _atomic_write(validation_path, "\n\n".join(validation) + "\n")
-    return Corpus(
-        train=train_path.read_text(encoding="utf-8"),
-        validation=validation_path.read_text(encoding="utf-8"),
-        path=folder,
-    )
+    return _cached_split(folder, refresh, lambda: _documents(STDLIB_MODULES))
 
 
 def pretraining_corpus(directory: str | os.PathLike | None = None, refresh: bool = False) -> Corpus:
@@ -309,13 +298,23 @@ def pretraining_corpus(directory: str | os.PathLike | None = None, refresh: bool
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     root = Path(directory) if directory is not None else cache_dir()
     folder = root / f"stdlib-pretraining-docs-v{_CORPUS_VERSION}-{version}-{modules_key}"
-    train_path, validation_path = folder / "train.txt", folder / "validation.txt"
-    if refresh or not (train_path.exists() and validation_path.exists()):
+
+    def documents() -> list[str]:
         held_out = {_body(d) for d in _documents(STDLIB_MODULES)}
         found = _documents(PRETRAINING_MODULES, skip_missing=True)
-        documents = [d for d in found if _body(d) not in held_out]
-        train = [d for i, d in enumerate(documents) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
-        validation = [d for i, d in enumerate(documents) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
+        return [d for d in found if _body(d) not in held_out]
+
+    return _cached_split(folder, refresh, documents)
+
+
+def _cached_split(folder: Path, refresh: bool, documents: Callable[[], list[str]]) -> Corpus:
+    """The corpus in ``folder``, built from ``documents()`` on a miss (or ``refresh``): every
+    ``VALIDATION_EVERY``-th document is validation, the rest training."""
+    train_path, validation_path = folder / "train.txt", folder / "validation.txt"
+    if refresh or not (train_path.exists() and validation_path.exists()):
+        found = documents()
+        train = [d for i, d in enumerate(found) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
+        validation = [d for i, d in enumerate(found) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
         _atomic_write(train_path, "\n\n".join(train) + "\n")
         _atomic_write(validation_path, "\n\n".join(validation) + "\n")
     return Corpus(
