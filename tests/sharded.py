@@ -26,6 +26,18 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)).double()
 
 
+def fully_sharded(module: nn.Module, world: int) -> nn.Module:
+    """``module`` under FSDP2 on a CPU mesh of ``world`` ranks: each Linear its own unit, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
+
+
 def batches(world: int, rows: int = 12, features: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One float64 regression batch per rank, the same on every call."""
     g = torch.Generator().manual_seed(1)

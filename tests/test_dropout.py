@@ -238,15 +238,9 @@ def _hessian_pieces(optimizer, tensors) -> list[tuple[int, int, torch.Tensor]]:
 
 
 def _fsdp2(rank: int, world: int, replay: bool):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from tests.sharded import fully_sharded
 
-    model = _mlp()
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_sharded(_mlp(), world)
     model.train()
     optimizer = Sassha(model.parameters(), hessian_method="finite_difference", replay_rng=replay, **KW)
     torch.manual_seed(MASK_SEED + rank)

@@ -242,8 +242,7 @@ def _train_counted(optimizer, loss_of, steps: int) -> dict:
 def _torch_engines(rank: int, world: int) -> dict[str, dict]:
     """DDP (exact, per-rank probes), FSDP2 and FSDP1 (central differences, global probes), each 20
     steps of tests/sharded.py's model and batches under the rho schedule."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     from sassha_dist.distributed import FlatShard, FullyShard, Replicated
     from tests import sharded
@@ -258,12 +257,7 @@ def _torch_engines(rank: int, world: int) -> dict[str, dict]:
     out["ddp"] = _train_counted(optimizer, lambda: nn.functional.mse_loss(ddp(x), y), sharded.STEPS)
     out["ddp"]["params"] = [p.detach().clone() for p in ddp_model.parameters()]
 
-    fsdp2 = sharded.model()
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in fsdp2:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(fsdp2, mesh=mesh)
+    fsdp2 = sharded.fully_sharded(sharded.model(), world)
     optimizer = Sassha(fsdp2.parameters(), **{**sharded.KW, "rho": RHO})
     assert isinstance(optimizer.strategy, FullyShard)
     out["fsdp2"] = _train_counted(optimizer, lambda: nn.functional.mse_loss(fsdp2(x), y), sharded.STEPS)

@@ -276,15 +276,7 @@ def _ddp(rank: int, world: int, **options) -> dict:
 
 
 def _fsdp2(rank: int, world: int) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model = sharded.model()
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = sharded.fully_sharded(sharded.model(), world)
     optimizer = Sassha(model.parameters(), **sharded.KW)
     losses = _train_ranks(model, optimizer, rank, world)
     named = dict(model.named_parameters())
