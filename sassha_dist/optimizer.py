@@ -629,7 +629,7 @@ class Sassha(Optimizer):
         perturbed_grads = self._take_grads(params, local_params)
         # ||w||^2 and the number of probe elements, summed over shards in one collective.
         local_sq_norm = sq_norm(local_params, foreach=self.options.foreach)
-        local_count = torch.tensor(float(sum(p.numel() for p in local_params)), device=local_sq_norm.device)
+        local_count = local_sq_norm.new_full((), float(sum(p.numel() for p in local_params)))  # no H2D copy
         totals = self.strategy.sum_scalar(torch.stack([local_sq_norm, local_count.to(local_sq_norm.dtype)]))
         point_sq_norm, num_elements = totals.tolist()
         point_norm, num_elements = math.sqrt(point_sq_norm), round(num_elements)
@@ -941,7 +941,8 @@ class Sassha(Optimizer):
         loss, grads, estimates, used = self._exact_products(
             params, [ordinals[id(p)] for p in params], closures
         )
-        unused = torch.tensor([not u for u in used], device=grads[0].device if grads else None)
+        # host flags: all_true moves them to the communication device only where there is a collective
+        unused = torch.tensor([not u for u in used])
         takes_part = [not flag for flag in self.strategy.all_true(unused).tolist()]
         for p, g, part in zip(params, grads, takes_part, strict=True):
             p.grad = g if part else None

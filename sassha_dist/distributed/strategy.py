@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sassha_dist.distributed.devices import communication_device
 from sassha_dist.options import EngineCapabilities
 
 __all__ = ["ProbeSegment", "SingleProcess", "Strategy", "all_reduce_sum"]
@@ -97,7 +98,7 @@ class Strategy(ABC):
 
     def all_true(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise AND of boolean ``flags`` over all ranks, so every rank skips the same steps."""
-        flags = flags.to(torch.int32)
+        flags = flags.to(device=communication_device([flags]), dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         return flags.bool()
 
@@ -145,6 +146,6 @@ class SingleProcess(Strategy):
 
 def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """A summed copy of ``value`` over ``group`` (the ranks that shard the parameters)."""
-    value = value.detach().clone()
+    value = value.detach().to(communication_device([value], group), copy=True)
     dist.all_reduce(value, group=group)
     return value

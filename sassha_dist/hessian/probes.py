@@ -248,16 +248,29 @@ def _hash_batch(
         for i, first in zip(batch, first_words, strict=True)
     ]
     starts = list(itertools.accumulate([0, *counts[:-1]]))
-    repeats = torch.tensor(counts, dtype=torch.int64, device=device)
+    # The per-range integers in one host-to-device copy (a blocking copy waits for the device).
+    repeats, word_offsets, low_keys, high_words = torch.tensor(
+        [
+            counts,
+            [first - start for first, start in zip(first_words, starts, strict=True)],
+            [ranges[i][0] & _MASK32 for i in batch],
+            [(first >> 32) ^ (ranges[i][0] >> 32) for i, first in zip(batch, first_words)],
+        ],
+        dtype=torch.int64,
+        device=device,
+    )
 
-    def per_word(values: list[int]) -> torch.Tensor:
-        return torch.repeat_interleave(torch.tensor(values, dtype=torch.int64, device=device), repeats)
+    words = sum(counts)
+
+    def per_word(values: torch.Tensor) -> torch.Tensor:
+        # output_size: without it repeat_interleave reads the sum of repeats back from the device
+        return torch.repeat_interleave(values, repeats, output_size=words)
 
     # h: the word index of each entry in its own probe (first word + position in its range).
-    h = torch.arange(sum(counts), dtype=torch.int64, device=device)
-    h.add_(per_word([first - start for first, start in zip(first_words, starts, strict=True)]))
-    low_key = per_word([ranges[i][0] & _MASK32 for i in batch])
-    high_word = per_word([(first >> 32) ^ (ranges[i][0] >> 32) for i, first in zip(batch, first_words)])
+    h = torch.arange(words, dtype=torch.int64, device=device)
+    h.add_(per_word(word_offsets))
+    low_key = per_word(low_keys)
+    high_word = per_word(high_words)
     _hash_words_(h, low_key, high_word, torch.empty_like(h))
     signs = _expand_words(h, dtype)
     for i, start in zip(batch, starts, strict=True):

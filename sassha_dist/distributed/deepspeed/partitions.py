@@ -59,7 +59,7 @@ class _Zero12:
             raise NotImplementedError(
                 "Parameter groups on different data-parallel groups (MoE) are not supported."
             )
-        strategy.bind(segments, zero.dp_process_group)
+        strategy.bind(segments, zero.dp_process_group, self.flats)
 
     @contextmanager
     def flats_in_groups(self):
@@ -146,7 +146,7 @@ class _Zero3:
             )
         self.paddings = [_padding_mask(flat, segments[id(flat)]) for flat in self.flats]
         _zero_padding(self.flats, self.paddings)
-        strategy.bind(segments, zero.dp_process_group)
+        strategy.bind(segments, zero.dp_process_group, self.flats)
 
     @contextmanager
     def flats_in_groups(self):

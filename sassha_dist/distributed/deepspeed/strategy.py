@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from sassha_dist.distributed.devices import communication_device
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
 
 
@@ -46,15 +47,28 @@ class DeepSpeedZero(Strategy):
                 "from the same parameters as the model given to deepspeed.initialize."
             ) from None
 
-    def bind(self, segments: dict[int, list[ProbeSegment]], group: dist.ProcessGroup | None) -> None:
+    def bind(
+        self,
+        segments: dict[int, list[ProbeSegment]],
+        group: dist.ProcessGroup | None,
+        partitions: Sequence[torch.Tensor],
+    ) -> None:
+        """Fix the partitions' probe segments and the data-parallel group; count the model's elements.
+
+        The count is one all-reduce (once, at bind time), on the partitions' device: NCCL refuses
+        the CPU tensor gloo accepts.
+        """
         self.segments = segments
         self.group = group
         self.rank = dist.get_rank()
-        count = torch.tensor(
-            float(sum(s.length for segs in segments.values() for s in segs)), dtype=torch.float64
+        count = torch.full(
+            (),
+            sum(s.length for segs in segments.values() for s in segs),
+            dtype=torch.int64,
+            device=communication_device(partitions, group),
         )
         dist.all_reduce(count, group=group)
-        self.num_elements = round(float(count))
+        self.num_elements = int(count)
 
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
         raise RuntimeError(
