@@ -24,9 +24,10 @@ The update is applied to the exact saved :math:`\theta_t`, never to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,8 @@ from sassha_dist.options import (
     HESSIAN_FINITE_DIFFERENCE,
     NONFINITE_RAISE,
     NONFINITE_SKIP,
+    PERTURB_GRADIENT,
+    PERTURB_MOMENTUM,
     PROBES_AUTO,
     PROBES_GLOBAL,
     PROBES_PER_RANK,
@@ -75,6 +78,7 @@ from sassha_dist.options import (
     FdScheme,
     HessianMethod,
     OnNonfinite,
+    Perturbation,
     ProbeMode,
     SasshaOptions,
     WeightDecayMode,
@@ -89,6 +93,15 @@ from sassha_dist.step import StepReport, StepState
 __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport", "StepState"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _MomentumAscent:
+    """The momentum ascent of a step (``perturbation="momentum"``): what moved, and its exact w."""
+
+    params: list[torch.Tensor]
+    locals: list[torch.Tensor]
+    theta: list[torch.Tensor]
 
 
 @dataclass
@@ -150,6 +163,13 @@ class Sassha(Optimizer):
             dropout draws the same masks at :math:`\theta`, :math:`\theta+\epsilon` and the
             finite-difference points (see :mod:`sassha_dist.rng`). ``False`` draws new masks per
             pass, as the authors' code does: harmless for gradients, fatal for finite differences.
+        perturbation: the ascent direction. ``"gradient"`` (default, SASSHA): the gradient at
+            :math:`\theta`, which costs a pass of its own. ``"momentum"`` (M-SASSHA, the authors'
+            ``msassha.py``): :math:`\tilde w = w - \rho\, m / (\lVert m\rVert + \epsilon_\rho)`
+            with the momentum of the previous steps, so the step's only pass is at
+            :math:`\tilde w` (gradient and Hessian), and the update applies to the exact saved
+            :math:`w`. The parameters hold :math:`w` between steps. Not with ``adaptive`` or
+            ``local_perturbation``.
         strategy: the engine strategy; detected from ``params`` when omitted.
 
     One call per training step: ``optimizer.step(closure)``. The closure must
@@ -203,6 +223,7 @@ class Sassha(Optimizer):
         foreach: bool | None = None,
         momentum_bias_correction: bool = True,
         replay_rng: bool = True,
+        perturbation: Perturbation = PERTURB_GRADIENT,
         strategy: Strategy | None = None,
     ) -> None:
         options = SasshaOptions(
@@ -224,6 +245,7 @@ class Sassha(Optimizer):
             foreach=foreach,
             momentum_bias_correction=momentum_bias_correction,
             replay_rng=replay_rng,
+            perturbation=perturbation,
         )
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "rho": rho, "eps": eps}
         validate_group(defaults)
@@ -234,6 +256,7 @@ class Sassha(Optimizer):
         self.last_report = StepReport()
         self._pending: StepState | None = None
         self._fused: _FusedEstimate | None = None
+        self._ascent: _MomentumAscent | None = None
         self._rng_replay: RngReplay | None = None
 
     def use_strategy(self, strategy: Strategy) -> None:
@@ -259,6 +282,8 @@ class Sassha(Optimizer):
         ``"image"`` (default, :data:`AUTHORS_PRESET`): their image-classification optimizer.
         ``"lm"``: their GPT-2 recipe, with ``rho`` 0 and Hessian power 1 during the warm-ups
         (``rho_warmup_iters`` / ``hessian_warmup_iters``, default 2000), then 0.02 and 0.8.
+        ``"momentum"``: their M-SASSHA (``perturbation="momentum"``, one pass per step): lr 0.15,
+        rho 0.3, weight decay 1e-2, Hessian power 1.
         Gradient clipping (1.0 in their GPT-2 runs, of the perturbed gradient) stays the
         training loop's job: the Trainer's ``max_grad_norm`` and ``run_clm.py`` do it.
         """
@@ -295,6 +320,7 @@ class Sassha(Optimizer):
         self.__dict__.setdefault("last_report", StepReport())
         self.__dict__["_pending"] = None
         self.__dict__["_fused"] = None
+        self.__dict__["_ascent"] = None
         self.__dict__["_rng_replay"] = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -462,12 +488,15 @@ class Sassha(Optimizer):
         return check_rho(rho(step), f"rho({step})") if callable(rho) else float(rho)
 
     def one_pass_due(self) -> bool:
-        """Whether the next step has ``rho = 0`` in every group, so one pass serves as both passes.
+        """Whether the next step runs one pass: ``perturbation="momentum"``, or ``rho = 0`` in every group.
 
         With :math:`\\rho = 0`, :math:`\\theta + \\epsilon = \\theta`: the gradient at
-        :math:`\\theta` is the perturbed gradient, and on exact-Hessian steps the products are
-        fused into that one pass.
+        :math:`\\theta` is the perturbed gradient. The momentum ascent moves before the pass
+        (:meth:`ascend`), so its one pass is the perturbed one. On exact-Hessian steps the
+        products are fused into that one pass.
         """
+        if self.options.perturbation == PERTURB_MOMENTUM:
+            return True
         step = self.counters[keys.GLOBAL_STEP] + 1
         # Every group counts, empty or not: ZeRO-3 keeps its groups empty outside engine.step().
         return all(self.rho_at(group, step) == 0.0 for group in self.param_groups)
@@ -476,15 +505,18 @@ class Sassha(Optimizer):
         """Zero the gradients and accumulate the gradient at the current parameters; returns the loss.
 
         On a one-pass step (:meth:`one_pass_due`) that is due an exact Hessian, the
-        Hessian-vector products come from this pass's graph.
+        Hessian-vector products come from this pass's graph. With ``perturbation="momentum"`` it
+        first moves to :math:`\\tilde w` (:meth:`ascend`): the gradient is the perturbed one.
         """
-        if self._pending is not None:
+        if self._pending is not None or self._ascent is not None:
             raise RuntimeError("gradient_pass() inside a step: call update() or cancel() first.")
         self.zero_grad(set_to_none=True)
         self._fused = None
-        self._start_rng_replay()
         closures = as_closures(closure)
         params = self._trainable_params()
+        if self.options.perturbation == PERTURB_MOMENTUM:
+            self.ascend(params)
+        self._start_rng_replay()
         one_pass = self.one_pass_due()
         if one_pass and self.hessian_method == HESSIAN_EXACT and self._hessian_due(params):
             loss, self._fused = self._fused_exact_pass(params, closures)
@@ -504,7 +536,48 @@ class Sassha(Optimizer):
         """
         if self._pending is not None:
             raise RuntimeError("perturb() called twice: call update() or cancel() to finish the step first.")
+        if self.options.perturbation == PERTURB_MOMENTUM and self._ascent is None:
+            raise RuntimeError(
+                "perturbation='momentum' takes the step's one pass at the perturbed point: call "
+                "gradient_pass(closure) (or step(closure)), not a backward of your own, before perturb()."
+            )
         self.start_step(*self.members(), loss, one_pass=self.one_pass_due())
+
+    @torch.no_grad()
+    def ascend(self, params: list[torch.Tensor]) -> None:
+        r"""The momentum ascent (``perturbation="momentum"``): :math:`\tilde w = w - \nu m`, saving :math:`w`.
+
+        :math:`\nu = \rho_{group} / (\lVert m\rVert_2 + \epsilon_\rho)`, one norm over every
+        parameter of every group and rank, with :math:`m` after the previous step's update and
+        :math:`\rho` the coming step's. A parameter without state (before its first update)
+        does not move. ``params`` are the step's parameters (every one, under ZeRO); the next
+        :meth:`start_step` takes the ascent over, and :meth:`update` or :meth:`cancel` put
+        :math:`w` back exactly.
+        """
+        if self._ascent is not None or self._pending is not None:
+            raise RuntimeError("ascend() inside a step: call update() or cancel() first.")
+        local_params = [self.strategy.local(p) for p in params]
+        ascent = _MomentumAscent(params, local_params, [p.detach().clone() for p in local_params])
+        self._ascent = ascent
+        moving = [i for i, p in enumerate(params) if keys.MOMENTUM in self.state.get(p, {})]
+        if not moving:
+            return
+        momenta = [self.strategy.local(self.state[params[i]][keys.MOMENTUM]) for i in moving]
+        norm = self.strategy.sum_scalar(sq_norm(momenta, foreach=self.options.foreach)).sqrt()
+        step = self.counters[keys.GLOBAL_STEP] + 1
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        apply_perturbation(
+            [local_params[i] for i in moving],
+            momenta,
+            [
+                (-self.rho_at(group_of[id(params[i])], step) / (norm + self.options.perturb_eps)).to(
+                    local_params[i].device
+                )
+                for i in moving
+            ],
+            adaptive=False,
+            foreach=self.options.foreach,
+        )
 
     def members(self, *, every: bool = False) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """The step's parameters (with a gradient, or ``every`` one), their ordinals and groups."""
@@ -573,7 +646,12 @@ class Sassha(Optimizer):
                     adaptive=self.options.adaptive,
                     foreach=self.options.foreach,
                 )
-        if one_pass and hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE:
+        ascent, self._ascent = self._ascent, None
+        if ascent is not None:  # the momentum ascent moved ascent.params: restore those to w
+            pending.theta = ascent.theta
+            if [id(p) for p in ascent.params] != [id(p) for p in params]:
+                pending.moved = ascent.locals
+        elif one_pass and hessian_due and self.hessian_method == HESSIAN_FINITE_DIFFERENCE:
             pending.theta = [p.detach().clone() for p in local_params]  # the passes move theta
         self._pending = pending
 
@@ -664,7 +742,7 @@ class Sassha(Optimizer):
         # this is set (their wrapper of step() sets it); update() ends a step as step() does.
         self._opt_called = True
         if pending.theta:
-            torch._foreach_copy_(pending.locals, pending.theta)
+            torch._foreach_copy_(pending.restored, pending.theta)
             pending.theta = []  # free the copy before the update kernel's temporaries
         report = pending.report
         self.last_report = report
@@ -758,10 +836,13 @@ class Sassha(Optimizer):
     def cancel(self) -> None:
         """Abandon a started step: restore :math:`\\theta` exactly, leave state untouched."""
         pending, self._pending = self._pending, None
+        ascent, self._ascent = self._ascent, None
         self._fused = None
         self._finish_rng_replay()
         if pending is not None and pending.theta:
-            torch._foreach_copy_(pending.locals, pending.theta)
+            torch._foreach_copy_(pending.restored, pending.theta)
+        elif ascent is not None:
+            torch._foreach_copy_(ascent.locals, ascent.theta)
 
     # -- diagnostics ----------------------------------------------------------------------
 
@@ -785,8 +866,33 @@ class Sassha(Optimizer):
 
     @property
     def in_step(self) -> bool:
-        """True between ``perturb()`` and ``update()`` / ``cancel()``: parameters are at theta + eps."""
-        return self._pending is not None
+        """True from the ascent to ``update()`` / ``cancel()``: the parameters may be off theta."""
+        return self._pending is not None or self._ascent is not None
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Hold the exact weights :math:`\\theta` in the parameters for the block (evaluate, save).
+
+        Between steps the parameters already are :math:`\\theta` (under either ``perturbation``)
+        and this does nothing. Inside a step (after the ascent, before ``update()``) it swaps
+        :math:`\\theta` in and puts the perturbed point back afterwards, bit for bit.
+        """
+        pending, ascent = self._pending, self._ascent
+        if pending is not None and pending.theta:
+            moved, theta = pending.restored, pending.theta
+        elif pending is None and ascent is not None:
+            moved, theta = ascent.locals, ascent.theta
+        else:
+            yield
+            return
+        with torch.no_grad():
+            point = [p.detach().clone() for p in moved]
+            torch._foreach_copy_(moved, theta)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(moved, point)
 
     @property
     def current_step(self) -> StepState | None:

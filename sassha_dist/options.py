@@ -42,6 +42,7 @@ BiasCorrection = Literal["hessian_updates", "global_step", "none"]
 WeightDecayMode = Literal["lr_scaled", "lr_independent"]
 ProbeMode = Literal["auto", "per_rank", "global"]
 OnNonfinite = Literal["skip", "raise"]
+Perturbation = Literal["gradient", "momentum"]
 
 HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE = get_args(HessianMethod)
 FD_CENTRAL, FD_FORWARD = get_args(FdScheme)
@@ -50,6 +51,7 @@ BIAS_CORRECTION_HESSIAN_UPDATES, BIAS_CORRECTION_GLOBAL_STEP, BIAS_CORRECTION_NO
 WEIGHT_DECAY_LR_SCALED, WEIGHT_DECAY_LR_INDEPENDENT = get_args(WeightDecayMode)
 PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL = get_args(ProbeMode)
 NONFINITE_SKIP, NONFINITE_RAISE = get_args(OnNonfinite)
+PERTURB_GRADIENT, PERTURB_MOMENTUM = get_args(Perturbation)
 
 #: Every string option and its allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -60,6 +62,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weight_decay_mode": get_args(WeightDecayMode),
     "probe_mode": get_args(ProbeMode),
     "on_nonfinite": get_args(OnNonfinite),
+    "perturbation": get_args(Perturbation),
 }
 
 
@@ -92,6 +95,7 @@ class SasshaOptions:
     foreach: bool | None = None
     momentum_bias_correction: bool = True
     replay_rng: bool = True
+    perturbation: Perturbation = PERTURB_GRADIENT
 
     def __post_init__(self) -> None:
         for name in ("adaptive", "local_perturbation", "momentum_bias_correction", "replay_rng"):
@@ -115,6 +119,13 @@ class SasshaOptions:
             raise ValueError(f"Invalid {fd_step=}. Must be > 0 and finite, or None for the dtype's default.")
         for name, allowed in CHOICES.items():
             check_choice(name, getattr(self, name), allowed)
+        if self.perturbation == PERTURB_MOMENTUM:
+            for name in ("adaptive", "local_perturbation"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"Invalid {name}=True with perturbation='momentum': the momentum ascent "
+                        f"w - rho m / ||m|| is neither adaptive nor per rank. Use {name}=False."
+                    )
 
     def power_at(self, step: int) -> float:
         """The Hessian power for (1-based) ``step``; a schedule is validated on every call."""

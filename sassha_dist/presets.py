@@ -1,6 +1,6 @@
 """The authors' recipes as keyword sets for :class:`~sassha_dist.Sassha` (``Sassha.authors``).
 
-Two recipes, each read from the authors' public code (LOG-postech/Sassha; SPEC §2):
+Three recipes, each read from the authors' public code (LOG-postech/Sassha; SPEC §2):
 
 * ``"image"`` (:data:`AUTHORS_PRESET`): their image-classification optimizer
   (``optimizers/sassha.py``). lr 0.15, betas (0.9, 0.999), rho 0.2, k 10, eps 1e-4 after the
@@ -12,6 +12,11 @@ Two recipes, each read from the authors' public code (LOG-postech/Sassha; SPEC �
   ``config/train_gpt2_small_sassha.py``). lr 0.3, betas (0.965, 0.99), weight decay 2e-4, k 10,
   eps 1e-4 after the power, no bias correction of ``m`` or ``D``, Hessian exact where the engine
   allows it; ``rho`` 0 during a warm-up, then 0.02; Hessian power 1 during a warm-up, then 0.8.
+* ``"momentum"`` (:data:`AUTHORS_MOMENTUM_PRESET`): their M-SASSHA (``optimizers/msassha.py``),
+  whose ascent follows the momentum (``perturbation="momentum"``): one pass per step. lr 0.15,
+  betas (0.9, 0.999), rho 0.3, weight decay 1e-2 as ``p *= 1 - lr*wd``, k 10, eps 1e-4 after
+  the power, Hessian power 1, ``D`` corrected as in the image recipe, exact Hessian, one probe
+  stream shared by every rank.
 
 The warm-ups keep the authors' meaning and names: their loop counts iterations from 0 and
 perturbs once ``iter_num > rho_warmup_iters``; their power schedule returns the warm-up value
@@ -25,10 +30,10 @@ from typing import Any
 
 from sassha_dist.schedules import PiecewiseConstant
 
-__all__ = ["AUTHORS_LM_PRESET", "AUTHORS_PRESET", "RECIPES", "authors_options"]
+__all__ = ["AUTHORS_LM_PRESET", "AUTHORS_MOMENTUM_PRESET", "AUTHORS_PRESET", "RECIPES", "authors_options"]
 
-RECIPE_IMAGE, RECIPE_LM = "image", "lm"
-RECIPES = (RECIPE_IMAGE, RECIPE_LM)
+RECIPE_IMAGE, RECIPE_LM, RECIPE_MOMENTUM = "image", "lm", "momentum"
+RECIPES = (RECIPE_IMAGE, RECIPE_LM, RECIPE_MOMENTUM)
 
 #: The authors' image optimizer, as keyword arguments: ``Sassha(params, **AUTHORS_PRESET)`` or
 #: ``Sassha.authors(params)``. Their configs pass ``weight_decay / lr`` to get a per-step decay
@@ -48,6 +53,16 @@ AUTHORS_PRESET: dict[str, Any] = {
     "weight_decay_mode": "lr_scaled",
     "hessian_method": "exact",
     "probe_mode": "global",
+}
+
+#: The authors' M-SASSHA (``optimizers/msassha.py``), as keyword arguments:
+#: ``Sassha.authors(params, recipe="momentum")``.
+AUTHORS_MOMENTUM_PRESET: dict[str, Any] = {
+    **AUTHORS_PRESET,
+    "weight_decay": 1e-2,
+    "rho": 0.3,
+    "hessian_power": 1.0,
+    "perturbation": "momentum",
 }
 
 #: The authors' GPT-2 optimizer settings, without the two warm-up schedules that
@@ -92,11 +107,12 @@ def authors_options(recipe: str = RECIPE_IMAGE, **overrides: Any) -> dict[str, A
     the authors'); a float ``rho`` or ``hessian_power`` is the value after its warm-up, a
     callable replaces the schedule.
     """
-    if recipe == RECIPE_IMAGE:
+    if recipe in (RECIPE_IMAGE, RECIPE_MOMENTUM):
         extra = sorted({"rho_warmup_iters", "hessian_warmup_iters"} & set(overrides))
         if extra:
-            raise ValueError(f"Invalid {extra} for recipe='image': only recipe='lm' has warm-ups.")
-        return {**AUTHORS_PRESET, **overrides}
+            raise ValueError(f"Invalid {extra} for {recipe=}: only recipe='lm' has warm-ups.")
+        preset = AUTHORS_PRESET if recipe == RECIPE_IMAGE else AUTHORS_MOMENTUM_PRESET
+        return {**preset, **overrides}
     if recipe == RECIPE_LM:
         rho_iters = _warmup_iters("rho_warmup_iters", overrides.pop("rho_warmup_iters", LM_WARMUP_ITERS))
         power_iters = _warmup_iters(

@@ -13,6 +13,9 @@ One step (``t`` = steps taken so far, ``n`` = Hessian updates so far)::
                                         ρ = rho(t + 1) for a schedule, per group)
                                         (local_perturbation: rank r uses its own g_r, giving e_r)
     θ'_r = θ + e                        gt = mean_r ∇f_r(θ'_r)
+                                        (perturbation="momentum", M-SASSHA: no g;
+                                        θ' = θ - ρ m / (‖m‖₂ + perturb_eps) for every rank,
+                                        with m as the previous step left it)
     k    = hessian_power(t + 1) or hessian_power
     if t % lazy_hessian == 0:           (Hutchinson, S = n_samples Rademacher probes z_{r,s})
         Ht = mean_r (1/S) Σ_s z_{r,s} ⊙ (H_r(θ'_r) z_{r,s})
@@ -92,6 +95,7 @@ class ReferenceConfig:
     local_perturbation: bool = False
     momentum_bias_correction: bool = True
     replay_rng: bool = True
+    perturbation: str = "gradient"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -199,6 +203,17 @@ class ReferenceSassha:
             for group, s, g in zip(self.group_of, scale, grads)
         ]
 
+    def _momentum_ascent(self, theta: Tensors, step: int) -> Tensors:
+        """``θ - ρ · m / (‖m‖₂ + perturb_eps)``, one norm over all params (``perturbation="momentum"``)."""
+        norm = torch.sqrt(sum((m**2).sum() for m in self.m))
+        return [
+            x
+            - (group["rho"](step) if callable(group["rho"]) else group["rho"])
+            * m
+            / (norm + self.config.perturb_eps)
+            for group, x, m in zip(self.group_of, theta, self.m)
+        ]
+
     def _exact_hvp(self, graph_grads: Tensors, z: Tensors) -> Tensors:
         """``H z = ∇(g · z)`` by double backward through ``graph_grads`` (built with create_graph)."""
         terms = [(g * zi.to(g.dtype)).sum() for g, zi in zip(graph_grads, z) if g.requires_grad]
@@ -274,22 +289,31 @@ class ReferenceSassha:
         t, n = self.step_count, self.hessian_updates
         theta = [x.to(d) for x, d in zip(theta_saved, self.state_dtypes)]  # θ_t, state dtype
 
-        # 1. g_r = ∇f_r(θ), g = mean_r g_r
-        losses, grads = zip(*(self._loss_and_grad(loss_fn, theta, b) for b in batches))
-        loss = sum(float(x) for x in losses) / W
-        if not all(_all_finite([x, *g]) for x, g in zip(losses, grads)):
-            return self._skip(theta_saved, loss)
-        g = _mean(grads)
-
-        # 2-3. θ'_r = θ + e (or θ + e_r); gt = mean_r ∇f_r(θ'_r); 4. Ht = mean_r (1/S) Σ_s z ⊙ H_r z
-        if cfg.local_perturbation:
-            points = [_axpy(theta, 1.0, self._perturbation(g_r, theta, t + 1)) for g_r in grads]
+        if cfg.perturbation == "momentum":
+            # 1-2. M-SASSHA: θ' = θ - ν m, ν = ρ / (‖m‖₂ + perturb_eps), with m before this step's
+            # update (m = 0 on the first step: θ' = θ); the step's one pass is at θ'.
+            loss = None  # the loss at θ', below
+            points = [self._momentum_ascent(theta, t + 1)] * W
         else:
-            points = [_axpy(theta, 1.0, self._perturbation(g, theta, t + 1))] * W
+            # 1. g_r = ∇f_r(θ), g = mean_r g_r
+            losses, grads = zip(*(self._loss_and_grad(loss_fn, theta, b) for b in batches))
+            loss = sum(float(x) for x in losses) / W
+            if not all(_all_finite([x, *g]) for x, g in zip(losses, grads)):
+                return self._skip(theta_saved, loss)
+            g = _mean(grads)
+            # 2. θ'_r = θ + e (or θ + e_r)
+            if cfg.local_perturbation:
+                points = [_axpy(theta, 1.0, self._perturbation(g_r, theta, t + 1)) for g_r in grads]
+            else:
+                points = [_axpy(theta, 1.0, self._perturbation(g, theta, t + 1))] * W
+
+        # 3. gt = mean_r ∇f_r(θ'_r); 4. Ht = mean_r (1/S) Σ_s z ⊙ H_r z
         hessian_step = t % cfg.lazy_hessian == 0
         results = [self._perturbed_rank(loss_fn, points[r], batches[r], r, n, hessian_step) for r in range(W)]
         gt = _mean([grad_r for _, grad_r, _ in results])
         ht = _mean([ht_r for _, _, ht_r in results]) if hessian_step else []
+        if loss is None:
+            loss = sum(float(x) for x, _, _ in results) / W
         if not all(_all_finite([x]) for x, _, _ in results) or not _all_finite(gt + ht):
             return self._skip(theta_saved, loss)
 

@@ -53,11 +53,22 @@ class StepState:
     estimates: list[torch.Tensor] | None = None
     #: Local finiteness flags by name; ``update`` ANDs them over ranks in one collective.
     checks: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    #: rho is 0 in every group: theta + eps = theta, so the gradient pass is also the perturbed one.
+    #: One pass serves as both: rho is 0 in every group (theta + eps = theta), or the momentum
+    #: ascent moved before the pass (``perturbation="momentum"``).
     one_pass: bool = False
+    #: The local tensors ``theta`` restores, when not ``locals``: the momentum ascent moves every
+    #: trainable parameter, the step updates those with a gradient.
+    moved: list[torch.Tensor] | None = None
+
+    @property
+    def restored(self) -> list[torch.Tensor]:
+        """The local tensors that ``theta`` is the exact value of."""
+        return self.locals if self.moved is None else self.moved
 
     def subset(self, members: Sequence[int], group_indices: Sequence[int]) -> StepState:
         """The share of ``members`` (positions in ``params``), regrouped as ``group_indices``."""
+        if self.moved is not None:
+            raise RuntimeError("StepState.subset() needs theta aligned with params (moved is None).")
         return StepState(
             params=[self.params[i] for i in members],
             locals=[self.locals[i] for i in members],

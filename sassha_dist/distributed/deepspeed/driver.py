@@ -24,7 +24,7 @@ from sassha_dist.hessian.hvp import (
     default_fd_step,
     finite_difference_step,
 )
-from sassha_dist.options import FD_CENTRAL
+from sassha_dist.options import FD_CENTRAL, PERTURB_MOMENTUM
 from sassha_dist.step import StepReport, StepState
 
 Closure = Callable[[], torch.Tensor]
@@ -188,12 +188,17 @@ class SasshaDeepSpeed:
         return loss, pending
 
     def _one_pass(self, closures: list[Closure]) -> tuple[torch.Tensor, StepState]:
-        """rho = 0 in every group: finite differences at theta on Hessian steps, then the one pass.
+        """One pass: rho = 0 in every group, or the momentum ascent (``perturbation="momentum"``).
 
-        The pass at theta comes last, so its reduced gradient stays in DeepSpeed's buffers for
-        ``engine.step()``, as the perturbed pass does on other steps.
+        The ascent (if any) moves the partitions to w~ and the model's copy with them; then the
+        finite differences at that point on Hessian steps, then the one pass. It comes last, so
+        its reduced gradient stays in DeepSpeed's buffers for ``engine.step()``, as the perturbed
+        pass does on other steps.
         """
         opt = self.optimizer
+        if opt.options.perturbation == PERTURB_MOMENTUM:
+            opt.ascend(self.adapter.flats)
+            self.adapter.push_params()
         opt.start_step(*opt.members(every=True), None, one_pass=True, gradients=False)
         pending = opt.current_step
         if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
