@@ -427,3 +427,115 @@ def test_zero(stage):
         rtol=zero.RTOL,
         atol=0,
     )
+
+
+# -- the Trainer -------------------------------------------------------------------------------
+
+BLOCK, BATCH, ACCUM, TRAINER_STEPS, LR = 16, 2, 2, 4, 0.05
+TRAINER_ARGS = "perturbation=momentum,rho=0.3,hessian_method=exact,lazy_hessian=2"
+
+
+def _gpt2() -> nn.Module:
+    from sassha_dist.integrations.embedded import tiny_gpt2
+
+    return tiny_gpt2(seed=0, n_positions=BLOCK).double()
+
+
+def _blocks(count: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, BLOCK), generator=torch.Generator().manual_seed(0))
+
+
+def _trainer(model, out, blocks, callbacks=(), **settings):
+    from sassha_dist.integrations.embedded import BlockDataset
+    from sassha_dist.integrations.transformers import SasshaTrainer
+    from tests.helpers import trainer_arguments
+
+    args = trainer_arguments(
+        out,
+        **{
+            "optim_args": TRAINER_ARGS,
+            "learning_rate": LR,
+            "weight_decay": 0.1,
+            "lr_scheduler_type": "constant",
+            "max_steps": TRAINER_STEPS,
+            "per_device_train_batch_size": BATCH,
+            "per_device_eval_batch_size": BATCH,
+            "gradient_accumulation_steps": ACCUM,
+            "max_grad_norm": 0.0,
+            **settings,
+        },
+    )
+    dataset = BlockDataset(blocks)
+    return SasshaTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=dataset, callbacks=list(callbacks)
+    )
+
+
+def test_trainer_one_forward_per_micro_batch_and_the_plain_loop(tmp_path):
+    """``--optim_args perturbation=momentum``: one forward per micro-batch (no replay), the
+    weights of a plain ``Sassha.step(closures)`` loop in the Trainer's groups (float64; the
+    bounds of tests/test_transformers_integration.py, ``rtol=1e-9, atol=1e-10``), and
+    ``evaluate()`` sees w: its loss is the plain model's at w."""
+    from transformers import TrainerCallback
+
+    blocks = _blocks(BATCH * ACCUM * TRAINER_STEPS)
+    model = _gpt2()
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    per_step: list[int] = []
+
+    class PerStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            per_step.append(forwards[0] - sum(per_step))
+
+    trainer = _trainer(model, tmp_path / "out", blocks, callbacks=[PerStep()])
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert optimizer.options.perturbation == "momentum" and not optimizer.in_step
+    assert per_step == [ACCUM] * TRAINER_STEPS
+
+    plain = _gpt2()
+    plain.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = dict(plain.named_parameters())
+    groups = [
+        {"params": [by_name[names[id(p)]] for p in group["params"]], "weight_decay": group["weight_decay"]}
+        for group in optimizer.param_groups
+    ]
+    reference = Sassha(
+        groups, lr=LR, rho=0.3, hessian_method="exact", lazy_hessian=2, perturbation="momentum"
+    )
+    for step in range(TRAINER_STEPS):
+        window = blocks[step * BATCH * ACCUM : (step + 1) * BATCH * ACCUM].split(BATCH)
+        reference.step([lambda b=b: plain(input_ids=b, labels=b).loss / ACCUM for b in window])
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(value.detach(), by_name[name].detach(), rtol=1e-9, atol=1e-10, msg=name)
+
+    metrics = trainer.evaluate()
+    plain.eval()
+    with torch.no_grad():
+        at_w = [plain(input_ids=b, labels=b).loss for b in blocks.split(BATCH)]
+    assert metrics["eval_loss"] == pytest.approx(float(torch.stack(at_w).mean()), rel=1e-9)
+
+
+def test_trainer_resume_is_bit_for_bit(tmp_path):
+    """A run saved at step 2 and resumed from the Trainer's checkpoint ends on the uninterrupted
+    run's weights and counters, bit for bit; the saved model is w, not w~."""
+    from transformers import AutoModelForCausalLM
+
+    blocks = _blocks(BATCH * ACCUM * TRAINER_STEPS)
+    saving = {"save_strategy": "steps", "save_steps": 2}
+    full = _gpt2()
+    trainer = _trainer(full, tmp_path / "a", blocks, **saving)
+    trainer.train()
+    counters = dict(trainer.optimizer.optimizer.counters)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / f"checkpoint-{TRAINER_STEPS}")
+    for (name, a), b in zip(full.named_parameters(), saved.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach().to(a.dtype)), name
+
+    resumed = _gpt2()
+    trainer = _trainer(resumed, tmp_path / "b", blocks, **saving)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.optimizer.optimizer.counters == counters
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
