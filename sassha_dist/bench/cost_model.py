@@ -42,7 +42,8 @@ __all__ = [
 
 ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 ENGINE_NAMES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp2": "FSDP2"}
-OPTIMIZERS = ("adamw", "sassha")
+#: ``msassha``: M-SASSHA (``perturbation="momentum"``), one forward-backward per step.
+OPTIMIZERS = ("adamw", "sassha", "msassha")
 GB = 1e9
 
 #: Extra activation memory of an exact HVP pass over a forward-backward pass,
@@ -289,7 +290,7 @@ def estimate(
 
     if hessian == "auto":
         hessian = "exact" if engine == "ddp" else "finite_difference"
-    if optimizer == "sassha" and hessian == "exact" and engine != "ddp":
+    if optimizer != "adamw" and hessian == "exact" and engine != "ddp":
         raise ValueError(f"hessian='exact' is not available under {engine} (no double backward, SPEC §4).")
 
     activations = unshard = 0.0
@@ -298,7 +299,7 @@ def estimate(
         activations = activation_bytes(model, workload)
         if layout.param[1]:  # parameters gathered one layer at a time, the next one prefetched
             unshard = 2 * (n_params / model.n_layers) * (layout.gather_bytes + layout.reduce_bytes)
-        if optimizer == "sassha" and hessian == "exact":
+        if optimizer != "adamw" and hessian == "exact":
             # the double backward keeps the backward graph: checkpointing cannot drop it
             full = activation_bytes(model, workload, checkpointing=False)
             exact_activations = exact_activation_factor * full
@@ -333,8 +334,9 @@ def estimate(
             hessian_buffers = SASSHA_BUFFERS[fd_key] + (n_samples > 1)  # a separate estimate
         else:
             raise ValueError(f"Invalid hessian={hessian!r}. Must be 'auto', 'exact' or 'finite_difference'.")
-        passes = 2.0 + hessian_passes / k
-        add_pass(2.0)
+        gradient_passes = 1.0 if optimizer == "msassha" else 2.0  # M-SASSHA ascends along m: no ascent pass
+        passes = gradient_passes + hessian_passes / k
+        add_pass(gradient_passes)
         add_param_update(1.0)  # the perturbed parameters reach the compute copy (ZeRO-1/2)
         add_param_update(1.0)  # the updated parameters, as for AdamW
         if hessian == "exact":
@@ -646,12 +648,12 @@ def compare_measured(rows: list[dict[str, Any]], n_params: float) -> dict[str, A
     for r in rows:
         if r["world_size"] == 1:
             continue
-        optimizer = "adamw" if r["k"] is None else "sassha"
+        optimizer = "adamw" if r["k"] is None else "msassha" if r["perturbation"] == "momentum" else "sassha"
         est = estimate(n_params, r["world_size"], r["engine"], optimizer, k=r["k"] or 10, dtype="fp32")
         grads = sum(c * sent for name, c, sent in est.collectives if name in ("reduce_scatter", "all_reduce"))
         gathers = sum(c * sent for name, c, sent in est.collectives if name == "all_gather")
         buffers = float("nan")
-        if optimizer == "sassha":
+        if optimizer != "adamw":
             adamw = estimate(n_params, r["world_size"], r["engine"], "adamw", dtype="fp32")
             buffers = (est.peak_bytes - adamw.peak_bytes) / (4.0 * est.state_bytes / 8.0)
         traffic = r["traffic"]

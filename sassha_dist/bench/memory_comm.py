@@ -4,10 +4,11 @@ All world sizes W (default 1, 2 and 4) are launched at once, W real ranks each
 (gloo on CPU, nccl with ``--device cuda``): only bytes are measured, so ranks
 may share cores. Every rank trains, for each engine, the contestants on the
 same MLP and its own batch: AdamW (``torch.optim.AdamW``; under ZeRO the same
-class as DeepSpeed's client optimizer) and SASSHA at each ``--k`` (default 1
-and 10). SASSHA uses central finite-difference Hessians with global probes
-under FSDP2 and ZeRO (double backward fails there, ``SPEC.md`` §4) and its
-default exact per-rank probes under DDP. One warm-up step creates the optimizer
+class as DeepSpeed's client optimizer), SASSHA at each ``--k`` (default 1
+and 10) and M-SASSHA (``perturbation="momentum"``) at the largest k. SASSHA
+uses central finite-difference Hessians with global probes under FSDP2 and
+ZeRO (double backward fails there, ``SPEC.md`` §4) and its default exact
+per-rank probes under DDP. One warm-up step creates the optimizer
 state; then AdamW and SASSHA ``k = 1`` are measured over 2 steps, SASSHA
 ``k > 1`` over k steps (exactly one Hessian refresh), so per-step figures count
 the Hessian step 1/k.
@@ -42,8 +43,9 @@ Per rank it measures:
 The table gives SASSHA's state against AdamW's and against W = 1, its peak
 above AdamW's in shard-sized buffers (the rank's fp32 optimizer parameters),
 and its gradient-reduction and all-gather payloads per step against AdamW's,
-next to the target 2 + c/k (c: gradient-sized reductions per Hessian refresh:
-2 passes for central differences, 1 estimate all-reduce under DDP) and the cost
+next to the target p + c/k (p = 2 passes for SASSHA, 1 for M-SASSHA; c:
+gradient-sized reductions per Hessian refresh: 2 passes for central
+differences, 1 estimate all-reduce under DDP) and the cost
 model's prediction (:func:`sassha_dist.bench.cost_model.compare_measured`).
 """
 
@@ -77,10 +79,16 @@ ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 ENGINE_NAMES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp2": "FSDP2"}
 
 
-def contestants(ks: list[int]) -> list[tuple[str, int | None, int]]:
-    """``(label, lazy_hessian or None for AdamW, measured steps)``: AdamW and SASSHA at each k, over
-    2 steps, or k steps for k > 1 (exactly one Hessian refresh, so it counts 1/k)."""
-    return [("AdamW", None, 2)] + [(f"SASSHA k={k}", k, k if k > 1 else 2) for k in ks]
+def contestants(ks: list[int]) -> list[tuple[str, int | None, int, str]]:
+    """``(label, lazy_hessian or None for AdamW, measured steps, perturbation)``: AdamW, SASSHA at
+    each k and M-SASSHA (``perturbation="momentum"``) at the largest, over 2 steps, or k steps for
+    k > 1 (exactly one Hessian refresh, so it counts 1/k)."""
+    k = max(ks)
+    return (
+        [("AdamW", None, 2, "gradient")]
+        + [(f"SASSHA k={k}", k, k if k > 1 else 2, "gradient") for k in ks]
+        + [(f"M-SASSHA k={k}", k, k if k > 1 else 2, "momentum")]
+    )
 
 
 def _average(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,7 +193,14 @@ def _ds_config(stage: int, rows: int, bucket: int) -> dict[str, Any]:
 SASSHA_KW = {"lr": 1e-3, "rho": 0.05, "weight_decay": 0.0}
 
 
-def _build(engine: str, lazy: int | None, model: nn.Module, cfg: dict[str, Any], device: torch.device):
+def _build(
+    engine: str,
+    lazy: int | None,
+    perturbation: str,
+    model: nn.Module,
+    cfg: dict[str, Any],
+    device: torch.device,
+):
     """Returns ``(step(x, y), inner optimizer whose state and parameters are this rank's)``."""
     loss_fn = nn.functional.mse_loss
     foreach = device.type == "cuda"
@@ -207,6 +222,7 @@ def _build(engine: str, lazy: int | None, model: nn.Module, cfg: dict[str, Any],
         from sassha_dist.distributed.deepspeed import initialize
 
         kw = {**SASSHA_KW, "lazy_hessian": lazy, "hessian_method": "finite_difference", "foreach": foreach}
+        kw["perturbation"] = perturbation
         ds, sassha = initialize(model, config, **kw)
         return (lambda x, y: sassha.step(lambda: loss_fn(ds(x), y))), sassha.optimizer
     if engine == "fsdp2":
@@ -237,7 +253,9 @@ def _build(engine: str, lazy: int | None, model: nn.Module, cfg: dict[str, Any],
         return step, optimizer
     from sassha_dist import Sassha
 
-    optimizer = Sassha(model.parameters(), lazy_hessian=lazy, foreach=foreach, **SASSHA_KW, **kw)
+    optimizer = Sassha(
+        model.parameters(), lazy_hessian=lazy, foreach=foreach, perturbation=perturbation, **SASSHA_KW, **kw
+    )
     return (lambda x, y: optimizer.step(lambda: loss_fn(model(x), y))), optimizer
 
 
@@ -264,7 +282,9 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, list[str]]
     return state, params, sorted(keys)
 
 
-def _contestant(rank: int, world: int, engine: str, label: str, lazy: int | None, steps: int, cfg) -> dict:
+def _contestant(
+    rank: int, world: int, engine: str, label: str, lazy: int | None, steps: int, perturbation: str, cfg
+) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(cfg["device"]) if cfg["device"] == "cpu" else torch.device("cuda", rank)
@@ -273,7 +293,7 @@ def _contestant(rank: int, world: int, engine: str, label: str, lazy: int | None
     recorder = Recorder(world, track_memory=device.type == "cpu")
     with recorder:
         model = _model(cfg["width"], cfg["depth"]).to(device)
-        step, optimizer = _build(engine, lazy, model, cfg, device)
+        step, optimizer = _build(engine, lazy, perturbation, model, cfg, device)
         step(x, y)  # warm-up: creates the optimizer state (and SASSHA's first Hessian estimate)
         steps_ = _Steps(device, recorder)
         per_step, peaks = [], []
@@ -294,6 +314,7 @@ def _contestant(rank: int, world: int, engine: str, label: str, lazy: int | None
         "engine": engine,
         "contestant": label,
         "k": lazy,
+        "perturbation": perturbation,
         "rank": rank,
         "world_size": world,
         "steps": steps,
@@ -326,8 +347,8 @@ def _rank_work(rank: int, world: int, cfg: dict[str, Any]) -> list[dict]:
     gc.collect()
     gc.freeze()  # imports' objects out of the collector's way: a collection per measured step stays cheap
     for engine in cfg["engines"]:
-        for label, lazy, steps in contestants(cfg["ks"]):
-            results.append(_contestant(rank, world, engine, label, lazy, steps, cfg))
+        for label, lazy, steps, perturbation in contestants(cfg["ks"]):
+            results.append(_contestant(rank, world, engine, label, lazy, steps, perturbation, cfg))
     return results
 
 
@@ -407,10 +428,10 @@ def launch(world_sizes: list[int], cfg: dict[str, Any], timeout: float) -> dict[
 # -- the parent side ----------------------------------------------------------------------
 
 
-def target_passes(engine: str, k: int) -> float:
-    """SASSHA's gradient-sized reductions per step over AdamW's: 2 + c/k."""
+def target_passes(engine: str, k: int, perturbation: str = "gradient") -> float:
+    """SASSHA's gradient-sized reductions per step over AdamW's: 2 + c/k, or 1 + c/k for M-SASSHA."""
     c = 1 if engine == "ddp" else 2  # DDP: one all-reduce of the exact estimates; else two FD passes
-    return 2 + c / k
+    return (1 if perturbation == "momentum" else 2) + c / k
 
 
 def measure(
@@ -459,7 +480,7 @@ def measure(
         row = _row(engine, world, label, ranks, adamw, one)
         rows_out.append(row)
     order = {e: i for i, e in enumerate(engines)}
-    rows_out.sort(key=lambda r: (order[r["engine"]], r["world_size"], r["k"] or 0))
+    rows_out.sort(key=lambda r: (order[r["engine"]], r["world_size"], r["k"] or 0, r["perturbation"]))
     return rows_out
 
 
@@ -493,6 +514,7 @@ def _row(
         "world_size": world,
         "contestant": label,
         "k": k,
+        "perturbation": ranks[0]["perturbation"],
         "state_bytes": state,
         "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
         "state_keys": ranks[0]["state_keys"],
@@ -515,7 +537,7 @@ def _row(
         "traffic": traffic,
         "grad_reduction_vs_adamw": vs_adamw("grad_reduction"),
         "param_gather_vs_adamw": vs_adamw("param_gather"),
-        "target": target_passes(engine, k) if k else 1.0,
+        "target": target_passes(engine, k, ranks[0]["perturbation"]) if k else 1.0,
         "hessian_steps": ranks[0]["hessian_steps"],
         "steps": ranks[0]["steps"],
         "collectives_counted": [r["collectives_counted"] for r in ranks],
@@ -545,7 +567,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "+ shard buffers, plain step",
         "grad-red. KB sent/step",
         "x AdamW (payload)",
-        "target 2+c/k",
+        "target p+c/k",
         "param AG KB sent/step",
         "x AdamW (payload)",
         "scalars/step",
@@ -626,6 +648,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         "state: the largest rank's; 'extra shard buffers': (SASSHA's peak - AdamW's) / the rank's fp32 "
         "optimizer-parameter bytes; traffic: rank 0, bytes sent under ring algorithms, ratios of payloads; "
+        "target p + c/k: p = 2 passes (SASSHA), 1 (M-SASSHA); "
         "c = 2 finite-difference passes per refresh (FSDP2, ZeRO), 1 exact-estimate all-reduce (DDP)."
     )
     print()
