@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,3 +149,40 @@ def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
             "--main_process_port", "29500", "integrations/run_clm.py", "--optim", "sassha",
             "--output_dir", "out dir", "--max_steps", "5",
         ]  # fmt: skip
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "launch/gpu/check.sh"), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_gpu_check_dry_run_lists_every_stage_within_its_budget(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "deepspeed-0-py3-none-any.whl").touch()
+    result = _check("--out", str(tmp_path / "out"), "--wheels", str(wheels), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    stages = re.findall(r"^  (\S+)\s+(\d+)s  (.*)$", result.stdout, flags=re.M)
+    assert [s[0] for s in stages] == [
+        "install", "pytest", "engines", "step-time", "kernel", "memory-comm", "main-job"
+    ]  # fmt: skip
+    assert sum(int(s[1]) for s in stages) < 8 * 60  # a rerun fits a 15-minute lease
+    commands = dict((s[0], s[2]) for s in stages)
+    assert "--no-index" in commands["install"] and "torch" not in commands["install"]
+    assert "-m cuda" in commands["pytest"] and "--device cuda" in commands["step-time"]
+    assert "multi_gpu.yaml --num_processes 1" in commands["main-job"]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_refuses_bad_input_before_running_anything(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_wheels = _check("--out", str(tmp_path / "out"), "--wheels", str(empty))
+    assert no_wheels.returncode == 2 and "build_wheels.sh" in no_wheels.stderr
+    no_out = _check()
+    assert no_out.returncode == 2 and "--out" in no_out.stderr
+    if not torch.cuda.is_available():
+        no_gpu = _check("--out", str(tmp_path / "out"))
+        assert no_gpu.returncode == 3 and "--allow-cpu" in no_gpu.stderr
+    assert not (tmp_path / "out").exists()
