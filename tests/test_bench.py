@@ -191,7 +191,7 @@ def test_quality_classifier_smoke(capsys):
     )
     out = capsys.readouterr().out
     assert "test acc" in out and "lambda_max" in out
-    assert set(result["runs"]) == {"adamw", "sam-adamw", "sassha", "sassha-rho0"}
+    assert set(result["runs"]) == {"adamw", "sam-adamw", "sassha", "sassha-rho0", "msassha"}
     for runs in result["runs"].values():
         assert len(runs) == 2
         for r in runs:
@@ -224,7 +224,7 @@ def test_quality_lm_smoke(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "val loss" in out and "x AdamW" in out
     assert plot.stat().st_size > 0
-    for name in ("adamw", "sam-adamw", "sassha"):
+    for name in ("adamw", "sam-adamw", "sassha", "msassha"):
         assert math.isfinite(result["runs"][name][0]["final"]["report"])
         assert result["equal_time_steps"][name] >= 1
 

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 MODEL_SIZES = ("tiny", "small", "gpt2-small")
-OPTIMIZERS = ("adamw", "sam-adamw", "sassha")
+OPTIMIZERS = ("adamw", "sam-adamw", "sassha", "msassha")
 
 _NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -145,13 +145,16 @@ class SamAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(name: str, params: Iterable[torch.Tensor], **hparams: Any) -> torch.optim.Optimizer:
-    """``adamw`` (torch's), ``sam-adamw`` (:class:`SamAdamW`) or ``sassha`` (:class:`Sassha`)."""
+    """``adamw`` (torch's), ``sam-adamw`` (:class:`SamAdamW`), ``sassha`` (:class:`Sassha`) or
+    ``msassha`` (:class:`Sassha` with ``perturbation="momentum"``, one pass per step)."""
     if name == "adamw":
         return torch.optim.AdamW(params, **hparams)
     if name == "sam-adamw":
         return SamAdamW(params, **hparams)
     if name == "sassha":
         return Sassha(params, **hparams)
+    if name == "msassha":
+        return Sassha(params, perturbation="momentum", **hparams)
     raise ValueError(f"Invalid optimizer {name!r}. Must be one of {OPTIMIZERS}.")
 
 

@@ -1,4 +1,4 @@
-"""Test accuracy and sharpness of a small classifier: SASSHA, SASSHA with rho = 0, AdamW, SAM-AdamW.
+"""Test accuracy and sharpness of a small classifier: SASSHA (and rho = 0), M-SASSHA, AdamW, SAM-AdamW.
 
 The paper's claim under test: SASSHA reaches flatter minima (a smaller
 largest Hessian eigenvalue of the training loss) that generalise better.
@@ -54,8 +54,15 @@ LABELS = {
     "sam-adamw": "SAM-AdamW",
     "sassha": "SASSHA",
     "sassha-rho0": "SASSHA, rho = 0",
+    "msassha": "M-SASSHA",
 }
-_OPTIMIZER = {"adamw": "adamw", "sam-adamw": "sam-adamw", "sassha": "sassha", "sassha-rho0": "sassha"}
+_OPTIMIZER = {
+    "adamw": "adamw",
+    "sam-adamw": "sam-adamw",
+    "sassha": "sassha",
+    "sassha-rho0": "sassha",
+    "msassha": "msassha",
+}
 
 _LR_ADAM = (({"lr": 3e-4}, {"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}, {"lr": 0.1}),)
 _LR_SASSHA = (({"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}, {"lr": 1.0}),)
@@ -73,6 +80,11 @@ GRIDS: dict[str, Grid] = {
         (*_LR_SASSHA, _RHO),
     ),
     "sassha-rho0": Grid({"lr": 0.1, "weight_decay": 0.0, "rho": 0.0, "lazy_hessian": 10}, _LR_SASSHA),
+    # M-SASSHA: SASSHA's grid (the same budget; rho is the same radius, ||w~ - w|| = rho)
+    "msassha": Grid(
+        {"lr": 0.1, "weight_decay": 0.0, "rho": 0.05, "lazy_hessian": 10},
+        (*_LR_SASSHA, _RHO),
+    ),
 }
 
 
@@ -368,7 +380,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"adamw": "tab:blue", "sam-adamw": "tab:orange", "sassha": "tab:green", "sassha-rho0": "tab:red"}
+    colors = {
+        "adamw": "tab:blue",
+        "sam-adamw": "tab:orange",
+        "sassha": "tab:green",
+        "sassha-rho0": "tab:red",
+        "msassha": "tab:purple",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, runs in result["runs"].items():
         for i, r in enumerate(runs):

@@ -1,4 +1,4 @@
-"""Validation loss of a tiny GPT trained from scratch: SASSHA vs AdamW vs SAM-AdamW.
+"""Validation loss of a tiny GPT trained from scratch: SASSHA and M-SASSHA vs AdamW and SAM-AdamW.
 
 Data: the standard-library docstring corpus of
 :func:`sassha_dist.integrations.embedded.stdlib_corpus` (built at run time,
@@ -42,7 +42,7 @@ from sassha_dist.bench.quality import Grid, Schedule, pm, tune, warmup_cosine
 
 __all__ = ["GRIDS", "add_arguments", "load_blocks", "run"]
 
-LABELS = {"adamw": "AdamW", "sam-adamw": "SAM-AdamW", "sassha": "SASSHA"}
+LABELS = {"adamw": "AdamW", "sam-adamw": "SAM-AdamW", "sassha": "SASSHA", "msassha": "M-SASSHA"}
 
 #: Declared tuning grids (see :mod:`sassha_dist.bench.quality` for how stages work).
 GRIDS: dict[str, Grid] = {
@@ -55,6 +55,11 @@ GRIDS: dict[str, Grid] = {
         (({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}), ({"rho": 0.01}, {"rho": 0.02}, {"rho": 0.1})),
     ),
     "sassha": Grid(
+        {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
+        (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
+    ),
+    # M-SASSHA: SASSHA's grid (the same budget; rho is the same radius, ||w~ - w|| = rho)
+    "msassha": Grid(
         {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
         (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
     ),
@@ -200,7 +205,7 @@ def measure(
     grid: str = "full",
     calibration_rounds: int = 5,
     clip: float = 1.0,
-    optimizers: tuple[str, ...] = ("adamw", "sam-adamw", "sassha"),
+    optimizers: tuple[str, ...] = tuple(GRIDS),
     verbose: bool = True,
 ) -> dict[str, Any]:
     log = (lambda msg: print(f"[quality-lm] {msg}", file=sys.stderr, flush=True)) if verbose else None
@@ -334,7 +339,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colors = {"adamw": "tab:blue", "sam-adamw": "tab:orange", "sassha": "tab:green"}
+    colors = {"adamw": "tab:blue", "sam-adamw": "tab:orange", "sassha": "tab:green", "msassha": "tab:purple"}
     for name, runs in result["runs"].items():
         seconds = result["step_seconds"][name]
         for i, r in enumerate(runs):
