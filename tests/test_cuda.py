@@ -1,16 +1,18 @@
 """SASSHA on a CUDA device against the same run on the CPU (``pytest -m cuda``; skipped without CUDA).
 
-``launch/gpu/check.sh`` runs this file first on a lent GPU. Every test trains a fresh copy of one
-small float64 GELU MLP on fixed batches, with dropout on (``replay_rng`` must give every pass of a
-step the same masks on CUDA too), and compares with the CPU run of the same options.
+``launch/gpu/check.sh`` runs this file first on a lent GPU. The tests train fresh copies of one
+small float64 GELU MLP on fixed batches and compare the device's run with the CPU's run of the
+same options, or two device paths that must agree (foreach and for-loop; a resumed and an
+uninterrupted run).
 
 Tolerance ``DEVICE_RTOL`` (1e-9 relative, on the update ``theta_T - theta_0`` and on every loss):
 the arithmetic is the same on both devices except the order of the sums inside the matmul and
 norm kernels, ~1e-16 relative per operation in float64; the preconditioner divides by
 ``sqrt(D) + eps`` and amplifies that where ``D`` is small, over 6 steps. Probes come from a
 counter hash and are identical on both devices, so there is no sampling difference. Dropout
-draws differ between the CPU and CUDA generators, so the dropout tests compare CUDA with CUDA:
-replayed masks must make ``rho = 0`` two-pass and one-pass steps agree.
+draws differ between the CPU and CUDA generators, so the dropout test stays on the device: with
+dropout on, every pass of a step must see the same mask (``replay_rng``), and the next step a new
+one.
 
 ``SASSHA_CUDA_TEST_DEVICE=cpu`` runs the file on the CPU against itself: it checks the tests' own
 code on a machine without a GPU, and says nothing about CUDA.

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sassha_dist.bench.common import format_table
+from sassha_dist.options import PERTURB_MOMENTUM
 
 __all__ = [
     "ENGINES",
@@ -648,7 +649,10 @@ def compare_measured(rows: list[dict[str, Any]], n_params: float) -> dict[str, A
     for r in rows:
         if r["world_size"] == 1:
             continue
-        optimizer = "adamw" if r["k"] is None else "msassha" if r["perturbation"] == "momentum" else "sassha"
+        if r["k"] is None:
+            optimizer = "adamw"
+        else:
+            optimizer = "msassha" if r["perturbation"] == PERTURB_MOMENTUM else "sassha"
         est = estimate(n_params, r["world_size"], r["engine"], optimizer, k=r["k"] or 10, dtype="fp32")
         grads = sum(c * sent for name, c, sent in est.collectives if name in ("reduce_scatter", "all_reduce"))
         gathers = sum(c * sent for name, c, sent in est.collectives if name == "all_gather")

@@ -72,6 +72,7 @@ from torch import nn
 
 from sassha_dist.bench.common import format_table, machine_description
 from sassha_dist.bench.recorder import KINDS, Recorder, summarize_calls
+from sassha_dist.options import PERTURB_GRADIENT, PERTURB_MOMENTUM
 
 __all__ = ["ENGINES", "Recorder", "add_arguments", "measure", "run"]
 
@@ -83,11 +84,11 @@ def contestants(ks: list[int]) -> list[tuple[str, int | None, int, str]]:
     """``(label, lazy_hessian or None for AdamW, measured steps, perturbation)``: AdamW, SASSHA at
     each k and M-SASSHA (``perturbation="momentum"``) at the largest, over 2 steps, or k steps for
     k > 1 (exactly one Hessian refresh, so it counts 1/k)."""
-    k = max(ks)
+    largest = max(ks)
     return (
-        [("AdamW", None, 2, "gradient")]
-        + [(f"SASSHA k={k}", k, k if k > 1 else 2, "gradient") for k in ks]
-        + [(f"M-SASSHA k={k}", k, k if k > 1 else 2, "momentum")]
+        [("AdamW", None, 2, PERTURB_GRADIENT)]
+        + [(f"SASSHA k={k}", k, k if k > 1 else 2, PERTURB_GRADIENT) for k in ks]
+        + [(f"M-SASSHA k={largest}", largest, largest if largest > 1 else 2, PERTURB_MOMENTUM)]
     )
 
 
@@ -428,10 +429,10 @@ def launch(world_sizes: list[int], cfg: dict[str, Any], timeout: float) -> dict[
 # -- the parent side ----------------------------------------------------------------------
 
 
-def target_passes(engine: str, k: int, perturbation: str = "gradient") -> float:
+def target_passes(engine: str, k: int, perturbation: str = PERTURB_GRADIENT) -> float:
     """SASSHA's gradient-sized reductions per step over AdamW's: 2 + c/k, or 1 + c/k for M-SASSHA."""
     c = 1 if engine == "ddp" else 2  # DDP: one all-reduce of the exact estimates; else two FD passes
-    return (1 if perturbation == "momentum" else 2) + c / k
+    return (1 if perturbation == PERTURB_MOMENTUM else 2) + c / k
 
 
 def measure(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sassha_dist import Sassha
+from sassha_dist.options import PERTURB_MOMENTUM
 
 __all__ = [
     "MODEL_SIZES",
@@ -154,7 +155,7 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], **hparams: Any) -
     if name == "sassha":
         return Sassha(params, **hparams)
     if name == "msassha":
-        return Sassha(params, perturbation="momentum", **hparams)
+        return Sassha(params, perturbation=PERTURB_MOMENTUM, **hparams)
     raise ValueError(f"Invalid optimizer {name!r}. Must be one of {OPTIMIZERS}.")
 
 

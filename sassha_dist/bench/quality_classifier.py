@@ -68,6 +68,8 @@ _LR_ADAM = (({"lr": 3e-4}, {"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2
 _LR_SASSHA = (({"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}, {"lr": 1.0}),)
 _RHO = ({"rho": 0.01}, {"rho": 0.02}, {"rho": 0.1}, {"rho": 0.2}, {"rho": 0.5}, {"rho": 1.0})
 
+_SASSHA_GRID = Grid({"lr": 0.1, "weight_decay": 0.0, "rho": 0.05, "lazy_hessian": 10}, (*_LR_SASSHA, _RHO))
+
 #: Declared tuning grids (see :mod:`sassha_dist.bench.quality` for how stages work).
 GRIDS: dict[str, Grid] = {
     "adamw": Grid({"lr": 1e-3, "weight_decay": 0.0}, _LR_ADAM),
@@ -75,16 +77,9 @@ GRIDS: dict[str, Grid] = {
         {"lr": 1e-3, "weight_decay": 0.0, "rho": 0.05},
         (*_LR_ADAM, _RHO),
     ),
-    "sassha": Grid(
-        {"lr": 0.1, "weight_decay": 0.0, "rho": 0.05, "lazy_hessian": 10},
-        (*_LR_SASSHA, _RHO),
-    ),
+    "sassha": _SASSHA_GRID,
     "sassha-rho0": Grid({"lr": 0.1, "weight_decay": 0.0, "rho": 0.0, "lazy_hessian": 10}, _LR_SASSHA),
-    # M-SASSHA: SASSHA's grid (the same budget; rho is the same radius, ||w~ - w|| = rho)
-    "msassha": Grid(
-        {"lr": 0.1, "weight_decay": 0.0, "rho": 0.05, "lazy_hessian": 10},
-        (*_LR_SASSHA, _RHO),
-    ),
+    "msassha": _SASSHA_GRID,  # the same budget; rho is the same radius, ||w~ - w|| = rho
 }
 
 

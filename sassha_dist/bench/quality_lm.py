@@ -44,6 +44,11 @@ __all__ = ["GRIDS", "add_arguments", "load_blocks", "run"]
 
 LABELS = {"adamw": "AdamW", "sam-adamw": "SAM-AdamW", "sassha": "SASSHA", "msassha": "M-SASSHA"}
 
+_SASSHA_GRID = Grid(
+    {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
+    (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
+)
+
 #: Declared tuning grids (see :mod:`sassha_dist.bench.quality` for how stages work).
 GRIDS: dict[str, Grid] = {
     "adamw": Grid(
@@ -54,15 +59,8 @@ GRIDS: dict[str, Grid] = {
         {"lr": 3e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "rho": 0.05},
         (({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}), ({"rho": 0.01}, {"rho": 0.02}, {"rho": 0.1})),
     ),
-    "sassha": Grid(
-        {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
-        (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
-    ),
-    # M-SASSHA: SASSHA's grid (the same budget; rho is the same radius, ||w~ - w|| = rho)
-    "msassha": Grid(
-        {"lr": 1.0, "betas": (0.965, 0.99), "weight_decay": 0.0, "rho": 0.02, "lazy_hessian": 10},
-        (({"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}), ({"rho": 0.005}, {"rho": 0.01}, {"rho": 0.05})),
-    ),
+    "sassha": _SASSHA_GRID,
+    "msassha": _SASSHA_GRID,  # the same budget; rho is the same radius, ||w~ - w|| = rho
 }
 
 
