@@ -29,9 +29,12 @@ trains the same architecture from a random initialisation instead::
 It evaluates the base (or untrained) model first, trains (the Trainer's progress bar and logs,
 with SASSHA's diagnostics under ``sassha/*``), evaluates again, prints both losses and
 perplexities, and writes ``loss_curve.png`` and ``all_results.json`` to ``--output_dir``.
-Bad options stop it before it builds anything, with one line ``run_clm.py: error: ...`` and
-exit status 2. Every ``TrainingArguments`` option works (``--help``); the defaults below are
-for the embedded run on a small CPU. Without ``--learning_rate`` SASSHA uses 0.15 (0.6 with
+On SIGTERM (``--preemption_signals`` for others, e.g. ``SIGTERM,SIGUSR1``) every process finishes
+its step, the Trainer saves ``checkpoint-<step>`` in ``--output_dir`` and the job exits with status
+75; rerun (or restart, or requeue) the same command and it resumes from the newest checkpoint
+there, exactly. Bad options stop it before it builds anything, with one line ``run_clm.py: error:
+...`` and exit status 2. Every ``TrainingArguments`` option works (``--help``); the defaults below
+are for the embedded run on a small CPU. Without ``--learning_rate`` SASSHA uses 0.15 (0.6 with
 ``--from_scratch``) and any other optimizer 5e-3 (3e-3). SASSHA's ``optim_args`` default to
 ``rho=0.05,lazy_hessian=10,betas=0.9:0.999``, Sassha's own defaults, when fine-tuning and to
 ``rho=0.1,lazy_hessian=10,betas=0.9:0.99`` from scratch (plus ``eps=1e-2,fd_step=2.5e-2`` under
@@ -85,7 +88,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import HfArgumentParser, default_data_collator, set_seed
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType, get_last_checkpoint
 
 import sassha_dist
 from sassha_dist.integrations.embedded import (
@@ -105,6 +108,7 @@ from sassha_dist.integrations.transformers import (
     quiet_deepspeed_cpu_warning,
     uses_deepspeed,
 )
+from sassha_dist.preemption import Preempted
 
 logger = logging.getLogger("run_clm")
 
@@ -561,7 +565,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         initial_loss = trainer.evaluate(metric_key_prefix=initial)[f"{initial}_loss"]
         say(f"{label}: eval loss {initial_loss:.4f}, perplexity {_perplexity(initial_loss):.2f}")
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(training_args.output_dir):
+        # A restarted or requeued job (say after a preemption) continues where it stopped.
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is not None:
+            say(f"Resuming from {resume} (found in --output_dir; another --output_dir starts afresh)")
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except Preempted as stop:  # the Trainer saved checkpoint-<step> in --output_dir
+        preempted = stop
+    else:
+        preempted = None
+    if preempted is not None:
+        say(f"{preempted}; rerun the same command to resume")
+        del trainer, model  # (the exception's traceback, which holds the trainer, is gone too)
+        _shut_down_distributed()
+        raise Preempted(preempted.signal)  # exit status 75: torchrun restarts, Slurm requeues
     trainer.save_model()
     final = trainer.evaluate()
     final_loss = final["eval_loss"]
@@ -599,15 +619,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     say(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
+    del trainer, model
+    _shut_down_distributed()
+    return metrics
+
+
+def _shut_down_distributed() -> None:
+    """Barrier, then destroy the process group; call it once the trainer and the model are freed.
+
+    Freeing the DDP-wrapped model before its process group goes, then a barrier: a DDP reducer
+    outliving its gloo group, or a rank leaving early, intermittently aborts at exit
+    ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
-        # Free the DDP-wrapped model before its process group goes, then barrier: a DDP reducer
-        # outliving its gloo group, or a rank leaving early, intermittently aborts at exit
-        # ("terminate called without an active exception").
-        del trainer, model
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-    return metrics
 
 
 if __name__ == "__main__":

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from sassha_dist import state_keys as keys
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
 def make_mlp(sizes=(3, 5, 1), dtype=torch.float64, seed: int = 0) -> nn.Module:
@@ -126,3 +133,38 @@ def trainer_arguments(output_dir, **settings):
         "seed": 0,
     }
     return SasshaTrainingArguments(**{**defaults, **settings})
+
+
+def run_signalled(
+    command: list[str],
+    out: Path,
+    env: dict[str, str],
+    signal_after_line: str | None = None,
+    sig: signal.Signals = signal.SIGTERM,
+    timeout: float = 180.0,
+) -> tuple[int, str]:
+    """Run ``command`` (output appended to ``out``); with ``signal_after_line``, send it (its first
+    process only, as a scheduler would) ``sig`` as soon as that line appears in its output. Returns
+    (returncode, this run's output). Past ``timeout`` its whole process group is killed."""
+    with open(out, "a+") as output:
+        start = output.tell()
+        proc = subprocess.Popen(
+            command, cwd=ROOT_DIR, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while signal_after_line is not None and proc.poll() is None:
+                output.seek(start)
+                if signal_after_line in output.read():
+                    proc.send_signal(sig)
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(command, timeout)
+                time.sleep(0.02)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            output.write(f"\n[killed after {timeout} s]\n")
+        output.seek(start)
+        return proc.returncode, output.read()

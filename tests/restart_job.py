@@ -12,6 +12,21 @@ is 0), rank ``--kill-rank`` SIGKILLs itself right after step ``--kill-at``
 (``--kill-in-save``: at the start of that step's checkpoint write instead);
 torchrun then stops the other rank and starts a second attempt. Rank 0
 appends ``{"attempt": n, "resumed_from": step}`` to ``--attempt-log``.
+
+Preemption (tests/test_preemption.py): the loop runs inside a
+:class:`~sassha_dist.preemption.PreemptionGuard`, as a user's loop would. On a
+fresh start, rank ``--signal-rank`` sends SIGTERM during step ``--signal-at``
+(``--signal-in``: inside its gradient, perturbed or first finite-difference
+pass, or inside that step's checkpoint write), to itself or
+(``--signal-target launcher``) to torchrun, which forwards it to every worker.
+A preempted job saves ``latest`` at the step it stopped after and exits with
+``PREEMPTED_EXIT_CODE``; rank 0 then appends ``{"preempted_after": step}``.
+The final file holds the parameters, the optimizer's ``m`` and ``D`` and its
+counters.
+
+The soak run (tests/soak.py) adds ``--fall-back`` (resume past a damaged newest
+checkpoint, ``load_latest(..., fall_back=True)``) and ``--log-saves`` (rank 0
+appends ``{"saved": step}`` after each checkpoint, the driver's progress report).
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import gc
 import json
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,6 +47,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from sassha_dist import Sassha, checkpoint
+from sassha_dist.preemption import Preempted, PreemptionGuard
 
 KW = {
     "lr": 0.05,
@@ -78,8 +95,24 @@ def init_distributed(attempt: int) -> None:
     dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world)
 
 
+#: The closure call of a SASSHA step that runs each pass (finite differences: the first FD pass).
+PASS_CALL = {"gradient": 1, "perturbed": 2, "fd": 3}
+
+
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def intercept_save(action) -> None:
+    """Run ``action`` inside the next checkpoint write, after its temporary directory exists."""
+    original = dcp.save
+
+    def save(*a, **k):
+        dcp.save = original
+        action()
+        return original(*a, **k)
+
+    dcp.save = save  # checkpoint.save calls it after creating the temporary directory
 
 
 def main() -> None:
@@ -92,11 +125,23 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--kill-rank", type=int, default=1)
     parser.add_argument("--kill-in-save", action="store_true")
+    parser.add_argument("--signal-at", type=int, default=-1)
+    parser.add_argument("--signal-rank", type=int, default=1)
+    parser.add_argument("--signal-in", choices=[*PASS_CALL, "save"], default="gradient")
+    parser.add_argument("--signal-target", choices=["self", "launcher"], default="self")
+    parser.add_argument("--fall-back", action="store_true", help="resume past a damaged newest checkpoint")
+    parser.add_argument("--log-saves", action="store_true", help="rank 0 logs {'saved': step} per save")
+    parser.add_argument("--pass-delay", type=float, default=0.0, help="seconds each pass sleeps")
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds before a stuck worker exits")
     args = parser.parse_args()
     # A worker stuck in a collective prints every thread's stack and exits: nothing outlives the test.
     faulthandler.dump_traceback_later(args.deadline, exit=True)
+    # Handled from the start, as a real job would: a signal before the first step stops after it.
+    with PreemptionGuard() as guard:
+        train(args, guard)
 
+
+def train(args: argparse.Namespace, guard: PreemptionGuard) -> None:
     torch.set_num_threads(1)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     init_distributed(attempt)
@@ -111,32 +156,71 @@ def main() -> None:
     fully_shard(model, mesh=mesh)
     optimizer = Sassha(model.parameters(), **KW)
 
-    extra = checkpoint.load_latest(args.ckpt_root, model, optimizer)
+    extra = checkpoint.load_latest(args.ckpt_root, model, optimizer, fall_back=args.fall_back)
     start = 0 if extra is None else extra["step"]
     if rank == 0:
         with open(args.attempt_log, "a") as f:
             f.write(json.dumps({"attempt": attempt, "resumed_from": start}) + "\n")
 
+    signalling = start == 0 and attempt == 0 and rank == args.signal_rank and args.signal_at > 0
+    target = os.getppid() if args.signal_target == "launcher" else os.getpid()
+
+    def preempt() -> None:
+        os.kill(target, signal.SIGTERM)
+
+    stopped_after = None
     for step in range(start + 1, args.steps + 1):
         x, y = local_batch(step, rank, world)
-        optimizer.step(lambda x=x, y=y, model=model: nn.functional.mse_loss(model(x), y))
+        calls = 0
+        signal_now = signalling and step == args.signal_at
+
+        def closure(x=x, y=y, model=model, signal_now=signal_now):
+            nonlocal calls
+            calls += 1
+            time.sleep(args.pass_delay)
+            if signal_now and calls == PASS_CALL.get(args.signal_in):
+                preempt()
+            return nn.functional.mse_loss(model(x), y)
+
+        optimizer.step(closure)
+        if signal_now and args.signal_in in PASS_CALL and calls < PASS_CALL[args.signal_in]:
+            raise RuntimeError(f"step {step} made {calls} passes: it has no {args.signal_in} pass")
         if doomed and step == args.kill_at and not args.kill_in_save:
             die()
         if step % args.save_every == 0:
             if doomed and step == args.kill_at:
-                original = dcp.save
-
-                def dying_save(*a, original=original, **k):
-                    die()
-                    return original(*a, **k)
-
-                dcp.save = dying_save  # checkpoint.save calls it after creating the temporary directory
+                intercept_save(die)
+            if signal_now and args.signal_in == "save":
+                intercept_save(preempt)
             checkpoint.save_checkpoint(args.ckpt_root, step, model, optimizer)
+            if args.log_saves and rank == 0:
+                with open(args.attempt_log, "a") as f:
+                    f.write(json.dumps({"saved": step}) + "\n")
+        if guard.should_stop():
+            if step % args.save_every:
+                checkpoint.save_checkpoint(args.ckpt_root, step, model, optimizer)
+            stopped_after, received = step, guard.received
+            break
+
+    if stopped_after is not None:
+        if rank == 0:
+            with open(args.attempt_log, "a") as f:
+                f.write(json.dumps({"preempted_after": stopped_after}) + "\n")
+        del model, optimizer
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+        raise Preempted(received)
 
     full = checkpoint.full_state_dict(model, optimizer)
     if rank == 0:
         torch.save(
-            {"params": full["model"], "counters": full["optimizer"]["sassha_counters"]}, args.final_out
+            {
+                "params": full["model"],
+                "state": full["optimizer"]["state"],
+                "counters": full["optimizer"]["sassha_counters"],
+            },
+            args.final_out,
         )
     # Free the sharded model and optimizer before the process group: torn down the other way round,
     # a rank sometimes aborted at exit ("terminate called without an active exception").

@@ -1,15 +1,21 @@
-"""The torchrun launch scripts run a small model end to end (2 CPU processes) and the loss falls."""
+"""The launch scripts: torchrun runs a small model end to end (2 CPU processes), the loss falls, and a
+signal to torchrun stops the job with a checkpoint that a relaunch resumes exactly; the accelerate
+configs, the Slurm scripts and the GPU check are checked without starting processes."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import free_port
+from tests.helpers import run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +52,53 @@ def test_torchrun_script_trains(script, engine):
     assert f"engine={engine} world=2" in result.stdout
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def _train_py(out: Path, *args: str, **signal_kw):
+    """torchrun (2 gloo ranks) of launch/torchrun/train.py, handling SIGUSR1 as Slurm jobs do."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        str(ROOT / "launch/torchrun/train.py"), *args,
+    ]  # fmt: skip
+    return run_signalled(command, out, {**os.environ, "OMP_NUM_THREADS": "1"}, **signal_kw)
+
+
+def _assert_equal(a, b, where="export"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(("engine", "sig"), [("ddp", signal.SIGTERM), ("fsdp2", signal.SIGUSR1)])
+def test_train_py_preempted_saves_and_a_relaunch_resumes_exactly(tmp_path, engine, sig):
+    """Slurm's path: torchrun gets the signal (SIGUSR1 with ``--signal`` and ``--signals-to-handle``),
+    forwards it to both workers, which finish their step, save it and exit 75. The relaunch resumes
+    from that step and exports exactly (``torch.equal``: same W, same data per step, a bit-identical
+    restored state) the model, ``m``, ``D`` and counters of an uninterrupted run."""
+    common = ["--engine", engine, "--steps", "120", "--save-every", "1000"]
+    common += ["--preempt-signals", "SIGTERM,SIGUSR1"]
+    rc, plain = _train_py(tmp_path / "plain.out", *common, "--export", str(tmp_path / "plain.pt"))
+    assert rc == 0, plain[-3000:]
+    job = [*common, "--ckpt-dir", str(tmp_path / "ckpt"), "--export", str(tmp_path / "resumed.pt")]
+    rc, first = _train_py(tmp_path / "job.out", *job, signal_after_line="step   20", sig=sig)
+    stopped = re.search(r"preempted after step (\d+), saved to .*; exit 75", first)
+    assert rc != 0 and stopped, first[-3000:]  # torchrun exits with an error when it is signalled
+    assert not (tmp_path / "resumed.pt").exists()
+    rc, second = _train_py(tmp_path / "job.out", *job)
+    assert rc == 0, second[-3000:]
+    assert f"at step {stopped.group(1)}" in second
+    _assert_equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "plain.pt"))
 
 
 # -- accelerate configs and the Slurm script (no processes started) ---------------------------
@@ -105,6 +158,13 @@ def test_fsdp2_config_reaches_the_processes_as_fsdp2_with_sharded_checkpoints(mo
     assert plugin.auto_wrap_policy is not None
 
 
+def _stand_ins(bin_dir: Path, stand_ins: dict[str, str]) -> None:
+    bin_dir.mkdir()
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + body)
+        (bin_dir / name).chmod(0o755)
+
+
 def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
     """`bash -n`, then the script under stand-ins for srun, scontrol and accelerate: each node's
     task must run accelerate launch with its own machine rank and the job-wide values."""
@@ -113,7 +173,6 @@ def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
     header = script.read_text().split("\n#SBATCH")[0]
     assert "sbatch launch/slurm/accelerate.sbatch " in header
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
-    bin_dir.mkdir()
     stand_ins = {
         # srun: drop its options, run the task once per node with that node's SLURM_NODEID.
         "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
@@ -121,9 +180,7 @@ def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
         "scontrol": "printf 'gpu-a\\ngpu-b\\n'\n",
         "accelerate": '(IFS="|"; echo "$*") >> "$CALLS"\n',  # "|" between arguments: quoting shows
     }
-    for name, body in stand_ins.items():
-        (bin_dir / name).write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + body)
-        (bin_dir / name).chmod(0o755)
+    _stand_ins(bin_dir, stand_ins)
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "CALLS": str(log),
@@ -149,6 +206,60 @@ def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
             "--main_process_port", "29500", "integrations/run_clm.py", "--optim", "sassha",
             "--output_dir", "out dir", "--max_steps", "5",
         ]  # fmt: skip
+
+
+def test_sassha_sbatch_requeues_on_its_time_limit_signal_and_resumes_exactly(tmp_path):
+    """launch/slurm/sassha.sbatch on one node with the real torchrun and train.py (2 gloo ranks) and
+    stand-ins for srun, scancel and scontrol. SIGUSR1 to the script (what ``--signal=B:USR1@180``
+    sends) must reach the workers through ``scancel --signal=USR1``, the workers must save the step
+    they finish, and the script must requeue the job; the requeued job must resume from that step
+    and export exactly what an uninterrupted run does."""
+    script = ROOT / "launch/slurm/sassha.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    header = script.read_text()
+    assert "#SBATCH --signal=B:USR1@" in header and "#SBATCH --requeue" in header
+    calls, pid_file = tmp_path / "calls.log", tmp_path / "torchrun.pid"
+    _stand_ins(
+        tmp_path / "bin",
+        {
+            # srun: drop its options, run the task (torchrun) in the background and wait for it.
+            "srun": 'while [[ "$1" == --* ]]; do shift; done\n"$@" &\necho $! > "$PID_FILE"\nwait $!\n',
+            "scancel": 'echo "scancel $*" >> "$CALLS"\nkill -USR1 "$(cat "$PID_FILE")"\n',
+            "scontrol": '[[ "$1" == show ]] && echo localhost || echo "scontrol $*" >> "$CALLS"\n',
+        },
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "CALLS": str(calls),
+        "PID_FILE": str(pid_file),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "CKPT_DIR": str(tmp_path / "ckpt"),
+    }
+    train = ["--engine", "ddp", "--steps", "120", "--save-every", "1000"]
+    rc, plain = _train_py(tmp_path / "plain.out", *train, "--export", str(tmp_path / "plain.pt"))
+    assert rc == 0, plain[-3000:]
+
+    job = ["bash", str(script), *train, "--export", str(tmp_path / "resumed.pt")]
+    rc, first = run_signalled(
+        job, tmp_path / "job.out", env, signal_after_line="step   20", sig=signal.SIGUSR1
+    )
+    stopped = re.search(r"preempted after step (\d+), saved to", first)
+    assert rc == 0 and stopped, first[-3000:]
+    assert calls.read_text().splitlines() == ["scancel --signal=USR1 4242", "scontrol requeue 4242"]
+    assert not (tmp_path / "resumed.pt").exists()
+
+    env["MASTER_PORT"] = str(free_port())
+    rc, second = run_signalled(job, tmp_path / "job.out", env)  # the requeued job
+    assert rc == 0, second[-3000:]
+    assert f"at step {stopped.group(1)}" in second
+    assert calls.read_text().splitlines() == ["scancel --signal=USR1 4242", "scontrol requeue 4242"]
+    _assert_equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "plain.pt"))
 
 
 def _check(*args: str) -> subprocess.CompletedProcess:

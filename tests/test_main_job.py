@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sassha_dist.integrations.embedded import base_gpt2
 from tests.distributed import free_port
+from tests.helpers import run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -195,11 +198,14 @@ _RANK_SCRIPT = textwrap.dedent(
         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1,
     )
     trainer = SasshaTrainer(model=model, args=args, train_dataset=BlockDataset(blocks))
+    if sys.argv[4:] == ["evaluate-first"]:
+        trainer.evaluate(eval_dataset=BlockDataset(blocks[:8]))
     trainer.train()
     optimizer = trainer.optimizer.optimizer
     torch.save(
         {
             "params": {n: p.detach() for n, p in model.named_parameters()},
+            "wrapped": type(trainer.model_wrapped).__name__,
             "strategy": type(optimizer.strategy).__name__,
             "counters": dict(optimizer.counters),
             "world": args.world_size,
@@ -217,16 +223,21 @@ _RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_through_accelerate_matches_one_process(cache, tmp_path):
+@pytest.mark.parametrize("evaluate_first", [False, True], ids=["train", "evaluate-then-train"])
+def test_ddp_through_accelerate_matches_one_process(cache, tmp_path, evaluate_first):
     """2 gloo ranks x micro-batch 2 x 2 accumulation steps against 1 process x 4 x 2: the same 8 blocks
     per step. With global probes (the same z on every rank) the averaged Hessian estimate is the
     one-process estimate; only the summation order differs (per-rank halves, then the all-reduce).
+    Evaluating before training (as run_clm.py does) must not change that: with accelerate 1.16 the
+    stock evaluation leaves the model marked prepared but without DDP, and training then ran
+    without gradient reduction, the ranks 0.1 apart (SasshaTrainer undoes that mark).
 
     float64, because the preconditioner 1/(sqrt(D) + eps) amplifies rounding where a one-probe D
     is tiny: in float32 the same comparison differs by up to 1.2e-4 on weights of size 0.08,
     in float64 by 2e-13, so rtol=1e-9, atol=1e-11 has a 50x margin."""
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
+    variant = ["evaluate-first"] if evaluate_first else []
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
@@ -241,14 +252,16 @@ def test_ddp_through_accelerate_matches_one_process(cache, tmp_path):
             str(ddp),
             "2",
             "2",
+            *variant,
         ],
         cache,
         timeout=600,
     )
-    _run([sys.executable, str(script), str(single), "4", "2"], cache, timeout=600)
+    _run([sys.executable, str(script), str(single), "4", "2", *variant], cache, timeout=600)
     ranks = [torch.load(ddp / f"rank{r}.pt") for r in range(2)]
     reference = torch.load(single / "rank0.pt")
     assert [r["world"] for r in ranks] == [2, 2] and reference["world"] == 1
+    assert [r["wrapped"] for r in ranks] == ["DistributedDataParallel"] * 2
     assert [r["strategy"] for r in ranks] == ["Replicated", "Replicated"]
     assert ranks[0]["counters"] == ranks[1]["counters"] == reference["counters"]
     for name, value in reference["params"].items():
@@ -296,3 +309,43 @@ def test_dataset_name_trains_on_a_local_datasets_directory(cache, tmp_path):
     assert f"{data}, validation split" in result.stdout
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["eval_loss"] < 0.75 * metrics["base_eval_loss"], metrics
+
+
+def test_ddp_job_preempted_by_sigterm_resumes_from_its_checkpoint_exactly(cache, tmp_path):
+    """The main job on 2 gloo processes (cpu_ddp.yaml), SIGTERM to ``accelerate launch`` once step
+    10's log is printed (its elastic agent forwards it to both workers): both finish their step,
+    the Trainer saves checkpoint-<step> although --save_strategy is "no", and the job exits non-zero.
+    Rerunning the same command resumes from that checkpoint and ends with exactly
+    (``torch.equal``) the weights of an uninterrupted run: same W, same batches (the Trainer's
+    resumable sampler), a bit-identical restored state."""
+    steps = 24
+
+    def command(out: Path) -> list[str]:
+        return [
+            *ACCELERATE, "--config_file", "launch/accelerate/cpu_ddp.yaml",
+            "--main_process_port", str(free_port()), "integrations/run_clm.py",
+            "--optim", "sassha", "--output_dir", str(out), "--max_steps", str(steps),
+            "--eval_strategy", "no", "--logging_steps", "5", "--disable_tqdm", "true",
+            "--optim_args", "lazy_hessian=4", "--train_sampling_strategy", "random",
+        ]  # fmt: skip
+
+    _run(command(tmp_path / "plain"), cache, timeout=600)
+    out = tmp_path / "preempted"
+    env = {**_env(cache), "OMP_NUM_THREADS": "1"}
+    rc, first = run_signalled(command(out), tmp_path / "job.out", env, "{'loss'", timeout=600)
+    stopped = re.search(r"stopped on SIGTERM after saving a checkpoint \(exit status 75\)", first)
+    assert rc != 0 and stopped, first[-4000:]
+    checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and not (out / "all_results.json").exists(), sorted(out.iterdir())
+    step = int(checkpoints[0].split("-")[1])
+    assert 5 <= step < steps
+
+    rc, second = run_signalled(command(out), tmp_path / "job.out", env, timeout=600)
+    assert rc == 0, second[-4000:]
+    assert f"Resuming from {out / checkpoints[0]}" in second
+    assert json.loads((out / "all_results.json").read_text())["steps"] == steps
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    resumed = load_file(out / "model.safetensors")
+    assert list(plain) == list(resumed)
+    for name, value in plain.items():
+        assert torch.equal(resumed[name], value), name

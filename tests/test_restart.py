@@ -12,11 +12,6 @@ group is killed.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,87 +19,20 @@ import torch
 
 from sassha_dist import Sassha, checkpoint
 from tests.helpers import make_batches, make_mlp, mse
-
-ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "tests" / "restart_job.py"
-TIMEOUT = 240  # torchrun, both attempts
-DEADLINE = 100  # each worker
+from tests.restart_runs import assert_same_final, launch
 
 
 def _torchrun(tmp: Path, name: str, *job_args: str) -> tuple[dict, list[dict], Path]:
-    root, out, log = tmp / f"{name}-ckpt", tmp / f"{name}.pt", tmp / f"{name}.jsonl"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "1",
-        "--monitor-interval",
-        "0.2",
-        str(JOB),
-        "--ckpt-root",
-        str(root),
-        "--final-out",
-        str(out),
-        "--attempt-log",
-        str(log),
-        *job_args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Output to a file, not a pipe: a stuck worker (in its own session) cannot block the read, and the
-    # job's own deadline (faulthandler, --deadline) ends any worker that outlives torchrun.
-    with open(tmp / f"{name}.out", "w+") as output:
-        proc = subprocess.Popen(
-            [*command, "--deadline", str(DEADLINE)],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun (its workers have their own deadline)
-            proc.wait()
-            output.seek(0)
-            pytest.fail(f"torchrun did not finish within {TIMEOUT} s:\n{output.read()[-4000:]}")
-        output.seek(0)
-        assert proc.returncode == 0, output.read()[-4000:]
-    attempts = [json.loads(line) for line in log.read_text().splitlines()]
-    return torch.load(out, weights_only=True), attempts, root
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    final, attempts, _ = _torchrun(tmp_path_factory.mktemp("plain"), "plain")
-    assert attempts == [{"attempt": 0, "resumed_from": 0}]
-    return final
-
-
-def _assert_same_final(final: dict, expected: dict) -> None:
-    assert (
-        final["counters"]
-        == expected["counters"]
-        == {
-            "global_step": 12,
-            "hessian_refreshes": 4,
-            "skipped_steps": 0,
-        }
-    )
-    assert list(final["params"]) == list(expected["params"])
-    for name, value in final["params"].items():
-        assert torch.equal(value, expected["params"][name]), name
+    run = launch(tmp, name, *job_args)
+    assert run.returncode == 0, run.output[-4000:]
+    return run.final(), run.log, run.root
 
 
 def test_killed_rank_resumes_from_the_last_checkpoint(uninterrupted, tmp_path):
     """Rank 1 dies after step 7 (checkpoints at 3 and 6): the second attempt resumes from 6."""
     final, attempts, root = _torchrun(tmp_path, "killed", "--kill-at", "7")
     assert attempts == [{"attempt": 0, "resumed_from": 0}, {"attempt": 1, "resumed_from": 6}]
-    _assert_same_final(final, uninterrupted)
+    assert_same_final(final, uninterrupted)
     assert checkpoint.latest_checkpoint(root) == root / "step_00000012"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000009", "step_00000012"]
 
@@ -114,7 +42,7 @@ def test_rank_killed_during_a_save_never_publishes_it(uninterrupted, tmp_path):
     step 6, the second attempt resumes from there, and the stale temporary is cleaned up."""
     final, attempts, root = _torchrun(tmp_path, "in-save", "--kill-at", "9", "--kill-in-save")
     assert attempts == [{"attempt": 0, "resumed_from": 0}, {"attempt": 1, "resumed_from": 6}]
-    _assert_same_final(final, uninterrupted)
+    assert_same_final(final, uninterrupted)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000009", "step_00000012"]
 
 
@@ -210,6 +138,43 @@ def test_damaged_checkpoint_file_is_named_in_the_error(tmp_path, damage, target)
     assert str(file) in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     assert len(optimizer.state) == 0
+
+
+def test_fall_back_loads_the_newest_checkpoint_that_verifies(tmp_path):
+    """``fall_back=True``: a damaged newest checkpoint is named in a warning and the one before it is
+    loaded, exactly (its weights, state and counters); the next save at a later step replaces the
+    damaged one. A dangling ``latest`` falls back to the step directories."""
+    model, optimizer = _setup()
+    _train(model, optimizer, 2)
+    checkpoint.save_checkpoint(tmp_path, 2, model, optimizer)
+    at_2 = checkpoint.full_state_dict(model, optimizer)
+    _train(model, optimizer, 2)
+    newest = checkpoint.save_checkpoint(tmp_path, 4, model, optimizer)
+    DAMAGE["flipped byte"][0](_shard_file(newest))
+
+    resumed, resumed_optimizer = _setup(seed=1)
+    with pytest.warns(UserWarning, match=rf"{_shard_file(newest)}.*Loading the checkpoint before it"):
+        extra = checkpoint.load_latest(tmp_path, resumed, resumed_optimizer, fall_back=True)
+    assert extra == {"step": 2}
+    loaded = checkpoint.full_state_dict(resumed, resumed_optimizer)
+    for name, value in at_2["model"].items():
+        assert torch.equal(loaded["model"][name], value), name
+    assert loaded["optimizer"]["sassha_counters"] == at_2["optimizer"]["sassha_counters"]
+    _train(resumed, resumed_optimizer, 1)
+    checkpoint.save_checkpoint(tmp_path, 3, resumed, resumed_optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+    (tmp_path / "latest").write_text("step_00000009\n")  # points nowhere
+    with pytest.warns(UserWarning, match="Trying the step directories"):
+        extra = checkpoint.load_latest(tmp_path, *_setup(seed=1), fall_back=True)
+    assert extra == {"step": 3}
+
+
+def test_fall_back_with_every_checkpoint_damaged_says_so(tmp_path):
+    path = _saved(tmp_path)
+    DAMAGE["missing"][0](_shard_file(path))
+    with pytest.warns(UserWarning), pytest.raises(checkpoint.CorruptCheckpointError, match="all are damaged"):
+        checkpoint.load_latest(tmp_path, *_setup(seed=1), fall_back=True)
 
 
 def test_missing_manifest_and_dangling_latest_are_named(tmp_path):

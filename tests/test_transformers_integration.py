@@ -17,6 +17,9 @@ weights by 1e-3 or more. Resuming from a checkpoint must be bit-exact.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from sassha_dist.integrations.transformers import (
     parse_sassha_optim_args,
     sassha_optimizer_kwargs,
 )
+from sassha_dist.preemption import Preempted
 from tests.helpers import trainer_arguments
 
 BLOCK = 16
@@ -365,3 +369,64 @@ def test_byte_tokenizer_round_trips():
     assert ids == list(text.encode("utf-8"))
     assert tokenizer.decode(ids) == text
     assert len(tokenizer) == BYTE_VOCAB_SIZE
+
+
+def _signal_on_forward(model: nn.Module, forward: int) -> None:
+    """SIGTERM to this process during the model's ``forward``-th forward (counted from 1)."""
+    count = 0
+
+    def hook(module, inputs):
+        nonlocal count
+        count += 1
+        if count == forward:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_pre_hook(hook)
+
+
+def test_sigterm_mid_step_saves_that_step_and_resume_is_exact(tmp_path):
+    """SIGTERM inside step 3's perturbed pass (forwards per step: 2 micro-batches x (gradient +
+    perturbed), plus 2 x 2 central finite-difference ones on Hessian steps 1, 3, 5; steps 1 and 2
+    make 8 + 4, so forward 15 is step 3's first perturbed one, the weights at theta + eps, as counted
+    by a hook on a run like this one): the step finishes, the Trainer saves checkpoint-3 (with
+    save_strategy "no"), train() raises Preempted (exit status 75), and resuming from that checkpoint
+    ends bit for bit on the uninterrupted run's weights and counters."""
+    steps = 6
+    settings = {
+        "max_steps": steps,
+        "train_sampling_strategy": "random",
+        "optim_args": "rho=0.05,lazy_hessian=2,hessian_method=finite_difference",
+        "eval_strategy": "steps",
+        "eval_steps": 3,  # an evaluation is due at step 3: a preempted run skips it
+    }
+    data = BlockDataset(_blocks(40))
+    full = _model()
+    trainer = SasshaTrainer(
+        model=full, args=_args(tmp_path / "a", **settings), train_dataset=data, eval_dataset=data
+    )
+    trainer.train()
+    full_counters = dict(trainer.optimizer.optimizer.counters)
+
+    preempted = _model()
+    _signal_on_forward(preempted, 15)
+    args = _args(tmp_path / "b", **settings)
+    trainer = SasshaTrainer(model=preempted, args=args, train_dataset=data, eval_dataset=data)
+    with pytest.raises(Preempted) as stop:
+        trainer.train()
+    assert stop.value.code == 75 and stop.value.signal == signal.SIGTERM
+    assert trainer.state.global_step == 3
+    assert not any("eval_loss" in h for h in trainer.state.log_history)
+    assert sorted(p.name for p in (tmp_path / "b" / "out").iterdir()) == ["checkpoint-3"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard is gone
+
+    resumed = _model()
+    trainer = SasshaTrainer(model=resumed, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+    assert trainer.optimizer.optimizer.counters == full_counters
+    for (name, a), b in zip(_params(full).items(), _params(resumed).values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_bad_preemption_signal_fails_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="Invalid preemption signal 'SIGFOO'"):
+        _args(tmp_path, preemption_signals="SIGTERM,SIGFOO")

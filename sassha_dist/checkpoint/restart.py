@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,52 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def load_latest(
-    root: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
+    root: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    fall_back: bool = False,
 ) -> dict[str, Any] | None:
     """Load the checkpoint ``root/latest`` points to; returns its ``extra`` (with ``"step"``), or ``None``
-    when ``root`` has no checkpoint yet (a fresh start). Collective."""
-    path = _on_rank0(lambda: latest_checkpoint(root))
-    if path is None:
+    when ``root`` has no checkpoint yet (a fresh start). Collective.
+
+    A checkpoint that fails verification raises :class:`CorruptCheckpointError` naming the bad file.
+    With ``fall_back=True`` (what an unattended job wants) it is reported in a warning instead, and
+    the newest older checkpoint that verifies is loaded (checkpoints are verified before anything
+    is loaded, so a failed one changes nothing); the run then continues from that step, and the
+    next :func:`save_checkpoint` deletes the bad one (a later step than its own).
+    """
+    if not fall_back:
+        path = _on_rank0(lambda: latest_checkpoint(root))
+        return None if path is None else load(path, model, optimizer)
+    candidates = _on_rank0(lambda: _checkpoints_newest_first(root))
+    if not candidates:
         return None
-    return load(path, model, optimizer)
+    for path in candidates:
+        try:
+            return load(path, model, optimizer)
+        except CorruptCheckpointError as error:
+            warnings.warn(f"{error} Loading the checkpoint before it instead.", stacklevel=2)
+    tried = ", ".join(p.name for p in candidates)
+    raise CorruptCheckpointError(f"No checkpoint under {root} verifies (tried {tried}): all are damaged.")
+
+
+def _checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
+    """The checkpoints to try, newest first: the one ``latest`` names, then the ``step_<n>`` directories
+    of earlier steps by descending step (every one, if ``latest`` cannot be read)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    try:
+        newest = latest_checkpoint(root)
+    except CorruptCheckpointError as error:
+        warnings.warn(f"{error} Trying the step directories instead.", stacklevel=3)
+        newest = None
+    steps = sorted(
+        ((int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))),
+        reverse=True,
+    )
+    if newest is None:
+        return [d for _, d in steps]
+    newest_step = int(newest.name.removeprefix(".").split("_")[1].split(".")[0])  # step_<n> or .step_<n>.old
+    return [newest] + [d for step, d in steps if step < newest_step]
