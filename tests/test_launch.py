@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,17 +209,74 @@ def test_accelerate_sbatch_runs_one_accelerate_launch_per_node(tmp_path):
         ]  # fmt: skip
 
 
+def _requeueing_script(name: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """launch/slurm/``name`` after ``bash -n`` and a check of its signal/requeue headers, with the
+    paths its stand-ins log to (calls) and record the task's pid in."""
+    script = ROOT / "launch/slurm" / name
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    header = script.read_text()
+    assert "#SBATCH --signal=B:USR1@" in header and "#SBATCH --requeue" in header
+    return script, tmp_path / "calls.log", tmp_path / "task.pid"
+
+
+@pytest.mark.parametrize("event", ["time limit", "preempted"])
+def test_accelerate_sbatch_passes_signals_on_and_requeues_at_the_time_limit(tmp_path, event):
+    """launch/slurm/accelerate.sbatch with stand-ins (an ``accelerate`` that runs until SIGTERM, then
+    exits 75 as run_clm.py does after saving). Time limit: SIGUSR1 to the script (``--signal=B:USR1``)
+    must become ``scancel --signal=TERM`` for every task, then ``scontrol requeue`` once the task
+    exits. Slurm's own preemption (SIGTERM to every process): the script must outlive the signal,
+    wait for the task and exit with its status, leaving the requeue to Slurm (``--requeue``)."""
+    script, calls, pid_file = _requeueing_script("accelerate.sbatch", tmp_path)
+    _stand_ins(
+        tmp_path / "bin",
+        {
+            "srun": 'while [[ "$1" == --* ]]; do shift; done\n"$@"\n',
+            "accelerate": 'echo "accelerate $1" >> "$CALLS"\necho $$ > "$PID_FILE"\n'
+            'trap \'echo "task: SIGTERM, saved" >> "$CALLS"; exit 75\' TERM\n'
+            "while true; do sleep 0.05; done\n",
+            "scancel": 'echo "scancel $*" >> "$CALLS"\nkill -TERM "$(cat "$PID_FILE")"\n',
+            "scontrol": '[[ "$1" == show ]] && echo gpu-a || echo "scontrol $*" >> "$CALLS"\n',
+        },
+    )
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "PID_FILE": str(pid_file),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "gpu-a",
+        "SLURM_GPUS_PER_NODE": "2",
+    }
+    proc = subprocess.Popen(["bash", str(script), "--output_dir", "out"], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pid_file.exists(), "the task never started"
+        if event == "time limit":
+            proc.send_signal(signal.SIGUSR1)
+        else:
+            proc.send_signal(signal.SIGTERM)
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = calls.read_text().splitlines()
+    if event == "time limit":
+        expected = ["accelerate launch", "scancel --signal=TERM 4242", "task: SIGTERM, saved"]
+        assert (rc, lines) == (0, [*expected, "scontrol requeue 4242"])
+    else:
+        assert (rc, lines) == (75, ["accelerate launch", "task: SIGTERM, saved"])
+
+
 def test_sassha_sbatch_requeues_on_its_time_limit_signal_and_resumes_exactly(tmp_path):
     """launch/slurm/sassha.sbatch on one node with the real torchrun and train.py (2 gloo ranks) and
     stand-ins for srun, scancel and scontrol. SIGUSR1 to the script (what ``--signal=B:USR1@180``
     sends) must reach the workers through ``scancel --signal=USR1``, the workers must save the step
     they finish, and the script must requeue the job; the requeued job must resume from that step
     and export exactly what an uninterrupted run does."""
-    script = ROOT / "launch/slurm/sassha.sbatch"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    header = script.read_text()
-    assert "#SBATCH --signal=B:USR1@" in header and "#SBATCH --requeue" in header
-    calls, pid_file = tmp_path / "calls.log", tmp_path / "torchrun.pid"
+    script, calls, pid_file = _requeueing_script("sassha.sbatch", tmp_path)
     _stand_ins(
         tmp_path / "bin",
         {

@@ -19,9 +19,12 @@ Three layers, each usable on its own:
   full tensors are converted to the new parameters' layout, and everything is
   validated (another optimizer, another model) before
   :meth:`Sassha.load_state_dict` installs it, so ``m`` and ``D`` keep their
-  fp32 precision. (torch's ``get_optimizer_state_dict`` is not used: to
-  initialise empty state it calls ``optimizer.step()`` without a closure,
-  which Sassha refuses.)
+  fp32 precision. (torch's ``get_optimizer_state_dict`` and
+  ``set_optimizer_state_dict`` work on Sassha too: its closure-less ``step()``
+  with zero gradients at lr = 0 initialises the state as their protocol
+  expects, and the counters travel in the param groups; accelerate's FSDP
+  checkpoints use them. This layer adds the validation and the FQN-keyed
+  layout that the DCP and consolidated layers below share.)
 
 * **Sharded checkpoints** through ``torch.distributed.checkpoint`` (DCP).
   :func:`save` writes the model (``get_model_state_dict``) and the FQN-keyed

@@ -208,6 +208,7 @@ from transformers.training_args import OptimizerNames
 from sassha_dist import state_keys as keys
 from sassha_dist.distributed.resolve import resolve_strategy
 from sassha_dist.optimizer import Sassha, StepReport
+from sassha_dist.options import SasshaOptions, resolve_options
 from sassha_dist.preemption import DEFAULT_SIGNALS, Preempted, PreemptionGuard, parse_signals
 from sassha_dist.presets import LM_WARMUP_ITERS, RECIPE_IMAGE, authors_options
 
@@ -752,15 +753,15 @@ class SasshaTrainer(Trainer):
     def _check_deepspeed_options(self) -> None:
         """Refuse at start-up the SASSHA options ZeRO cannot run (exact Hessians, per-rank probes, ...).
 
-        Builds a throwaway :class:`~sassha_dist.distributed.deepspeed.ZeroSassha` (state is created
-        lazily, so this allocates nothing), which raises the same error the real one would raise
-        inside ``train()``.
+        The same check the optimizer makes when it is built inside ``train()``:
+        :func:`~sassha_dist.options.resolve_options` against the ZeRO strategy's capabilities.
         """
-        from sassha_dist.distributed.deepspeed import ZeroSassha
+        from sassha_dist.distributed.deepspeed import DeepSpeedZero
 
-        ZeroSassha(
-            [p for p in self.model.parameters() if p.requires_grad], **self._requested_sassha_options()
-        )
+        requested = self._requested_sassha_options()
+        names = {option.name for option in fields(SasshaOptions)}
+        options = SasshaOptions(**{key: value for key, value in requested.items() if key in names})
+        resolve_options(options, DeepSpeedZero().capabilities)
 
     def _sassha_deepspeed(self) -> Any:
         """The :class:`~sassha_dist.distributed.deepspeed.SasshaDeepSpeed` driving the current engine."""
