@@ -105,9 +105,10 @@ class PreemptionGuard:
     """Handles ``signals`` by recording them; :meth:`should_stop` says, on every rank alike, whether
     any rank received one.
 
-    A context manager: entering installs the handlers (from the main thread, as Python requires),
-    leaving restores the previous ones. ``group`` is the process group over which ranks agree
-    (the default group); without an initialised process group :meth:`should_stop` is local.
+    A context manager: entering installs the handlers (from the main thread, as Python
+    requires; a guard with no signals may be entered anywhere), leaving restores the previous
+    ones. ``group`` is the process group over which ranks agree (the default group); without an
+    initialised process group :meth:`should_stop` is local.
     """
 
     def __init__(
@@ -133,7 +134,7 @@ class PreemptionGuard:
             self._received = signal.Signals(signum)
 
     def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is not threading.main_thread():
+        if self.signals and threading.current_thread() is not threading.main_thread():
             raise RuntimeError(
                 "PreemptionGuard must be entered from the main thread (Python runs signal handlers "
                 "there only). Enter it around the training loop in the main thread."

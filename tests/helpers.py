@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -135,17 +137,24 @@ def trainer_arguments(output_dir, **settings):
     return SasshaTrainingArguments(**{**defaults, **settings})
 
 
+def printed(line: str) -> Callable[[str], bool]:
+    """A :func:`run_signalled` trigger: ``line`` appears in the output."""
+    return lambda output: line in output
+
+
 def run_signalled(
     command: list[str],
     out: Path,
     env: dict[str, str],
-    signal_after_line: str | None = None,
+    signal_when: Callable[[str], bool] | None = None,
     sig: signal.Signals = signal.SIGTERM,
+    delay: float = 0.0,
     timeout: float = 180.0,
 ) -> tuple[int, str]:
-    """Run ``command`` (output appended to ``out``); with ``signal_after_line``, send it (its first
-    process only, as a scheduler would) ``sig`` as soon as that line appears in its output. Returns
-    (returncode, this run's output). Past ``timeout`` its whole process group is killed."""
+    """Run ``command`` (output appended to ``out``); once ``signal_when(its output so far)`` holds, wait
+    ``delay`` seconds and send it ``sig`` (its first process only, as a scheduler would). Returns
+    (returncode, this run's output). Past ``timeout`` its whole process group is killed and the test
+    fails. Output goes to a file, not a pipe: a stuck worker (in its own session) cannot block the read."""
     with open(out, "a+") as output:
         start = output.tell()
         proc = subprocess.Popen(
@@ -153,10 +162,12 @@ def run_signalled(
         )
         deadline = time.monotonic() + timeout
         try:
-            while signal_after_line is not None and proc.poll() is None:
+            while signal_when is not None and proc.poll() is None:
                 output.seek(start)
-                if signal_after_line in output.read():
-                    proc.send_signal(sig)
+                if signal_when(output.read()):
+                    time.sleep(delay)
+                    if proc.poll() is None:
+                        proc.send_signal(sig)
                     break
                 if time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(command, timeout)
@@ -165,6 +176,7 @@ def run_signalled(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            output.write(f"\n[killed after {timeout} s]\n")
+            output.seek(start)
+            pytest.fail(f"{command[:4]} did not finish within {timeout} s:\n{output.read()[-4000:]}")
         output.seek(start)
         return proc.returncode, output.read()

@@ -158,9 +158,13 @@ def train(args: argparse.Namespace, guard: PreemptionGuard) -> None:
 
     extra = checkpoint.load_latest(args.ckpt_root, model, optimizer, fall_back=args.fall_back)
     start = 0 if extra is None else extra["step"]
-    if rank == 0:
-        with open(args.attempt_log, "a") as f:
-            f.write(json.dumps({"attempt": attempt, "resumed_from": start}) + "\n")
+
+    def log(entry: dict) -> None:  # rank 0 appends one JSON line to the attempt log
+        if rank == 0:
+            with open(args.attempt_log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    log({"attempt": attempt, "resumed_from": start})
 
     signalling = start == 0 and attempt == 0 and rank == args.signal_rank and args.signal_at > 0
     target = os.getppid() if args.signal_target == "launcher" else os.getpid()
@@ -193,41 +197,36 @@ def train(args: argparse.Namespace, guard: PreemptionGuard) -> None:
             if signal_now and args.signal_in == "save":
                 intercept_save(preempt)
             checkpoint.save_checkpoint(args.ckpt_root, step, model, optimizer)
-            if args.log_saves and rank == 0:
-                with open(args.attempt_log, "a") as f:
-                    f.write(json.dumps({"saved": step}) + "\n")
+            if args.log_saves:
+                log({"saved": step})
         if guard.should_stop():
             if step % args.save_every:
                 checkpoint.save_checkpoint(args.ckpt_root, step, model, optimizer)
             stopped_after, received = step, guard.received
             break
 
-    if stopped_after is not None:
+    if stopped_after is None:
+        full = checkpoint.full_state_dict(model, optimizer)
         if rank == 0:
-            with open(args.attempt_log, "a") as f:
-                f.write(json.dumps({"preempted_after": stopped_after}) + "\n")
-        del model, optimizer
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-        raise Preempted(received)
-
-    full = checkpoint.full_state_dict(model, optimizer)
-    if rank == 0:
-        torch.save(
-            {
-                "params": full["model"],
-                "state": full["optimizer"]["state"],
-                "counters": full["optimizer"]["sassha_counters"],
-            },
-            args.final_out,
-        )
+            torch.save(
+                {
+                    "params": full["model"],
+                    "state": full["optimizer"]["state"],
+                    "counters": full["optimizer"]["sassha_counters"],
+                },
+                args.final_out,
+            )
+        del full
+    else:
+        log({"preempted_after": stopped_after})
     # Free the sharded model and optimizer before the process group: torn down the other way round,
     # a rank sometimes aborted at exit ("terminate called without an active exception").
-    del model, optimizer, full
+    del model, optimizer
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    if stopped_after is not None:
+        raise Preempted(received)
 
 
 if __name__ == "__main__":

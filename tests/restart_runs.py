@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
+
+from tests.helpers import run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "restart_job.py"
@@ -69,33 +67,13 @@ def launch(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logged = _lines(log)
-    # Output to a file, not a pipe: a stuck worker (in its own session) cannot block the read, and the
-    # job's own deadline (faulthandler, --deadline) ends any worker that outlives torchrun.
-    with open(tmp / f"{name}.out", "a+") as output:
-        start = output.tell()
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + TIMEOUT
-        try:
-            if terminate_after is not None:
-                while proc.poll() is None and _lines(log) <= logged:
-                    if time.monotonic() > deadline:
-                        raise subprocess.TimeoutExpired(command, TIMEOUT)
-                    time.sleep(0.05)
-                time.sleep(terminate_after)
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun (its workers have their own deadline)
-            proc.wait()
-            output.seek(start)
-            pytest.fail(f"torchrun did not finish within {TIMEOUT} s:\n{output.read()[-4000:]}")
-        output.seek(start)
-        text = output.read()
+    started = None if terminate_after is None else (lambda _: _lines(log) > logged)
+    # The job's own deadline (faulthandler, --deadline) ends any worker that outlives torchrun.
+    returncode, text = run_signalled(
+        command, tmp / f"{name}.out", env, started, delay=terminate_after or 0.0, timeout=TIMEOUT
+    )
     entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return Launch(proc.returncode, entries, root, out, text)
+    return Launch(returncode, entries, root, out, text)
 
 
 def assert_identical(final: dict, expected: dict) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port
-from tests.helpers import run_signalled
+from tests.helpers import printed, run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_train_py_preempted_saves_and_a_relaunch_resumes_exactly(tmp_path, engin
     rc, plain = _train_py(tmp_path / "plain.out", *common, "--export", str(tmp_path / "plain.pt"))
     assert rc == 0, plain[-3000:]
     job = [*common, "--ckpt-dir", str(tmp_path / "ckpt"), "--export", str(tmp_path / "resumed.pt")]
-    rc, first = _train_py(tmp_path / "job.out", *job, signal_after_line="step   20", sig=sig)
+    rc, first = _train_py(tmp_path / "job.out", *job, signal_when=printed("step   20"), sig=sig)
     stopped = re.search(r"preempted after step (\d+), saved to .*; exit 75", first)
     assert rc != 0 and stopped, first[-3000:]  # torchrun exits with an error when it is signalled
     assert not (tmp_path / "resumed.pt").exists()
@@ -305,7 +305,7 @@ def test_sassha_sbatch_requeues_on_its_time_limit_signal_and_resumes_exactly(tmp
 
     job = ["bash", str(script), *train, "--export", str(tmp_path / "resumed.pt")]
     rc, first = run_signalled(
-        job, tmp_path / "job.out", env, signal_after_line="step   20", sig=signal.SIGUSR1
+        job, tmp_path / "job.out", env, signal_when=printed("step   20"), sig=signal.SIGUSR1
     )
     stopped = re.search(r"preempted after step (\d+), saved to", first)
     assert rc == 0 and stopped, first[-3000:]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from sassha_dist.integrations.embedded import base_gpt2
 from tests.distributed import free_port
-from tests.helpers import run_signalled
+from tests.helpers import printed, run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -312,12 +312,12 @@ def test_dataset_name_trains_on_a_local_datasets_directory(cache, tmp_path):
 
 
 def test_ddp_job_preempted_by_sigterm_resumes_from_its_checkpoint_exactly(cache, tmp_path):
-    """The main job on 2 gloo processes (cpu_ddp.yaml), SIGTERM to ``accelerate launch`` once step
-    10's log is printed (its elastic agent forwards it to both workers): both finish their step,
-    the Trainer saves checkpoint-<step> although --save_strategy is "no", and the job exits non-zero.
-    Rerunning the same command resumes from that checkpoint and ends with exactly
-    (``torch.equal``) the weights of an uninterrupted run: same W, same batches (the Trainer's
-    resumable sampler), a bit-identical restored state."""
+    """The main job on 2 gloo processes (cpu_ddp.yaml), SIGTERM to ``accelerate launch`` once the first
+    training log (step 5) is printed (its elastic agent forwards it to both workers): both finish their
+    step, the Trainer saves checkpoint-<step> although --save_strategy is "no", and the job exits
+    non-zero. Rerunning the same command resumes from that checkpoint and ends with exactly
+    (``torch.equal``) the weights of an uninterrupted run: same W, same batches (the Trainer's resumable
+    sampler), a bit-identical restored state."""
     steps = 24
 
     def command(out: Path) -> list[str]:
@@ -332,7 +332,7 @@ def test_ddp_job_preempted_by_sigterm_resumes_from_its_checkpoint_exactly(cache,
     _run(command(tmp_path / "plain"), cache, timeout=600)
     out = tmp_path / "preempted"
     env = {**_env(cache), "OMP_NUM_THREADS": "1"}
-    rc, first = run_signalled(command(out), tmp_path / "job.out", env, "{'loss'", timeout=600)
+    rc, first = run_signalled(command(out), tmp_path / "job.out", env, printed("{'loss'"), timeout=600)
     stopped = re.search(r"stopped on SIGTERM after saving a checkpoint \(exit status 75\)", first)
     assert rc != 0 and stopped, first[-4000:]
     checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]

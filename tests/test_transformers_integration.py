@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -430,3 +431,16 @@ def test_sigterm_mid_step_saves_that_step_and_resume_is_exact(tmp_path):
 def test_bad_preemption_signal_fails_at_start_up(tmp_path):
     with pytest.raises(ValueError, match="Invalid preemption signal 'SIGFOO'"):
         _args(tmp_path, preemption_signals="SIGTERM,SIGFOO")
+
+
+def test_train_outside_the_main_thread_warns_and_trains_unguarded(tmp_path, caplog):
+    """Python handles signals in the main thread only: train() from a worker thread (a notebook
+    helper, a serving thread) warns that a signal will stop it without a checkpoint, then trains."""
+    trainer = SasshaTrainer(model=_model(), args=_args(tmp_path), train_dataset=BlockDataset(_blocks()))
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(trainer.train().global_step))
+    with caplog.at_level("WARNING", logger="sassha_dist.integrations.transformers"):
+        thread.start()
+        thread.join()
+    assert outcome == [STEPS]
+    assert "outside the main thread" in caplog.text and "SIGTERM" in caplog.text

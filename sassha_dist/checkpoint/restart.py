@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -45,9 +46,7 @@ def save_checkpoint(
 
     def point_and_prune() -> None:
         _write_text_atomically(root / LATEST, name + "\n")
-        steps = sorted(
-            (int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
-        )
+        steps = _step_dirs(root)
         older = [d for s, d in steps if s <= step]
         doomed = [d for s, d in steps if s > step]
         if keep is not None:
@@ -119,11 +118,15 @@ def _checkpoints_newest_first(root: str | os.PathLike) -> list[Path]:
     except CorruptCheckpointError as error:
         warnings.warn(f"{error} Trying the step directories instead.", stacklevel=3)
         newest = None
-    steps = sorted(
-        ((int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))),
-        reverse=True,
-    )
+    steps = _step_dirs(root)[::-1]
     if newest is None:
         return [d for _, d in steps]
-    newest_step = int(newest.name.removeprefix(".").split("_")[1].split(".")[0])  # step_<n> or .step_<n>.old
+    newest_step = int(re.search(r"step_(\d+)", newest.name).group(1))  # step_<n>, or .step_<n>.old
     return [newest] + [d for step, d in steps if step < newest_step]
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``step_<n>`` checkpoint directory under ``root``, by step."""
+    return sorted(
+        (int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _STEP_DIR.match(d.name))
+    )

@@ -656,7 +656,9 @@ class SasshaTrainer(Trainer):
         self._sassha_refreshes_logged: int | None = None
         self.add_callback(_SasshaLogMark(self))
         self.add_callback(_StopOnPreemption(self))
+        #: The guard while train() runs, and the step a preemption stopped it after.
         self._preemption: PreemptionGuard | None = None
+        self._preempted_after: int | None = None
         if isinstance(self.optimizer, Sassha) and not isinstance(self.optimizer, TrainerSassha):
             raise TypeError(
                 "SasshaTrainer needs a TrainerSassha (a Sassha whose closure-less step() finishes the "
@@ -809,7 +811,7 @@ class SasshaTrainer(Trainer):
             )
             signals = ()
         self._preemption = PreemptionGuard(signals)
-        self._preempted_after: int | None = None
+        self._preempted_after = None
         try:
             with self._preemption:
                 result = super().train(*args, **kwargs)
