@@ -391,24 +391,30 @@ def test_sigterm_mid_step_saves_that_step_and_resume_is_exact(tmp_path):
     make 8 + 4, so forward 15 is step 3's first perturbed one, the weights at theta + eps, as counted
     by a hook on a run like this one): the step finishes, the Trainer saves checkpoint-3 (with
     save_strategy "no"), train() raises Preempted (exit status 75), and resuming from that checkpoint
-    ends bit for bit on the uninterrupted run's weights and counters."""
+    ends bit for bit on the uninterrupted run's weights and counters. Dropout is on, as in a real
+    model: the evaluation due at step 3 still runs before the save, because it draws from the RNG
+    (its data loader's seed) and skipping it made the resumed run's dropout masks differ."""
     steps = 6
     settings = {
         "max_steps": steps,
         "train_sampling_strategy": "random",
         "optim_args": "rho=0.05,lazy_hessian=2,hessian_method=finite_difference",
         "eval_strategy": "steps",
-        "eval_steps": 3,  # an evaluation is due at step 3: a preempted run skips it
+        "eval_steps": 3,  # an evaluation is due at step 3, the step the signal stops
     }
     data = BlockDataset(_blocks(40))
-    full = _model()
+
+    def model_with_dropout() -> nn.Module:
+        return tiny_gpt2(seed=0, n_positions=BLOCK, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).double()
+
+    full = model_with_dropout()
     trainer = SasshaTrainer(
         model=full, args=_args(tmp_path / "a", **settings), train_dataset=data, eval_dataset=data
     )
     trainer.train()
     full_counters = dict(trainer.optimizer.optimizer.counters)
 
-    preempted = _model()
+    preempted = model_with_dropout()
     _signal_on_forward(preempted, 15)
     args = _args(tmp_path / "b", **settings)
     trainer = SasshaTrainer(model=preempted, args=args, train_dataset=data, eval_dataset=data)
@@ -416,11 +422,11 @@ def test_sigterm_mid_step_saves_that_step_and_resume_is_exact(tmp_path):
         trainer.train()
     assert stop.value.code == 75 and stop.value.signal == signal.SIGTERM
     assert trainer.state.global_step == 3
-    assert not any("eval_loss" in h for h in trainer.state.log_history)
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [3]
     assert sorted(p.name for p in (tmp_path / "b" / "out").iterdir()) == ["checkpoint-3"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard is gone
 
-    resumed = _model()
+    resumed = model_with_dropout()
     trainer = SasshaTrainer(model=resumed, args=args, train_dataset=data, eval_dataset=data)
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
     assert trainer.optimizer.optimizer.counters == full_counters

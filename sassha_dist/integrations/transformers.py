@@ -167,7 +167,9 @@ optimizer: a signal only sets a flag, the step in flight runs to its end (a
 SASSHA step's parameters are restored from theta + eps exactly before its
 update), and at the end of that step every rank agrees (one all-reduce of a
 flag per step), the Trainer writes its own checkpoint ``checkpoint-<step>`` in
-``output_dir``, skips any evaluation due, and ``train()`` raises
+``output_dir`` (after any evaluation due at that step, as in an uninterrupted run: an
+evaluation draws from the RNG, so skipping it would change the dropout masks of the resumed
+steps), and ``train()`` raises
 :class:`~sassha_dist.preemption.Preempted`: uncaught, the process exits with
 status 75, which torchrun restarts. ``train(resume_from_checkpoint=...)``
 continues exactly from it (integrations/run_clm.py resumes from the newest
@@ -1028,7 +1030,8 @@ class _SasshaLogMark(TrainerCallback):
 
 class _StopOnPreemption(TrainerCallback):
     """At the end of every step, on every rank: if any rank received a handled signal, save this step
-    (the Trainer's own checkpoint), skip the evaluation due, and stop training."""
+    (the Trainer's own checkpoint, after any evaluation due, so the saved RNG state is the one an
+    uninterrupted run continues from), and stop training."""
 
     def __init__(self, trainer: SasshaTrainer) -> None:
         self._trainer = weakref.ref(trainer)
@@ -1039,7 +1042,6 @@ class _StopOnPreemption(TrainerCallback):
             return
         if trainer._preemption.should_stop():
             control.should_save = True
-            control.should_evaluate = False
             control.should_training_stop = True
             trainer._preempted_after = state.global_step
 
