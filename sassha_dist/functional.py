@@ -35,7 +35,7 @@ import torch
 
 from sassha_dist.options import (
     BIAS_CORRECTION_GLOBAL_STEP,
-    BIAS_CORRECTION_HESSIAN_UPDATES,
+    BIAS_CORRECTION_HESSIAN_REFRESHES,
     EPS_AFTER_POWER,
     WEIGHT_DECAY_LR_SCALED,
     BiasCorrection,
@@ -86,15 +86,15 @@ class UpdateHyperparameters:
         return 1.0 - self.beta1**step if self.momentum_bias_correction else 1.0
 
     def hessian_correction(
-        self, hessian_updates: int, refresh_correction: float, refresh_power: float
+        self, hessian_refreshes: int, refresh_correction: float, refresh_power: float
     ) -> HessianCorrection:
         r"""What divides ``D`` inside the power and ``D^p`` after it, for one tensor.
 
         ``refresh_correction`` / ``refresh_power``: :math:`1-\beta_2^{t_r}` and the power at the
         tensor's last refresh, which ``"global_step"`` (the authors' rule) holds until the next.
         """
-        if self.bias_correction == BIAS_CORRECTION_HESSIAN_UPDATES:
-            correction = 1.0 - self.beta2**hessian_updates
+        if self.bias_correction == BIAS_CORRECTION_HESSIAN_REFRESHES:
+            correction = 1.0 - self.beta2**hessian_refreshes
             return HessianCorrection(correction, correction**self.hessian_power)
         if self.bias_correction == BIAS_CORRECTION_GLOBAL_STEP:
             return HessianCorrection(refresh_correction, refresh_correction**refresh_power)

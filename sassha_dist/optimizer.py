@@ -25,8 +25,8 @@ The update is applied to the exact saved :math:`\theta_t`, never to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from sassha_dist import state_keys as keys
-from sassha_dist.closures import Closure, all_finite_flag, as_closures, evaluate_closure, negated
+from sassha_dist.closures import Closure, all_finite_flag, as_closures, evaluate_closure
 from sassha_dist.distributed.resolve import resolve_strategy
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy
 from sassha_dist.functional import (
@@ -47,19 +47,18 @@ from sassha_dist.functional import (
     state_dtype,
     update_hessian_ema,
 )
-from sassha_dist.hessian.finite_difference import DifferencePasses, hutchinson_by_differences
+from sassha_dist.hessian.exact import ExactProducts, exact_products
+from sassha_dist.hessian.finite_difference import difference_weight, hutchinson_by_differences
 from sassha_dist.hessian.hvp import (
     UNDERFLOW_SAFE_EPS,
     UNDERFLOW_WARNING_FRACTION,
-    accumulate_hutchinson_,
     curvature_underflow,
     default_fd_step,
-    exact_hvp,
     finite_difference_step,
 )
-from sassha_dist.hessian.probes import probe_key, rademacher_ranges
+from sassha_dist.hessian.probes import segment_probes
 from sassha_dist.options import (
-    BIAS_CORRECTION_HESSIAN_UPDATES,
+    BIAS_CORRECTION_HESSIAN_REFRESHES,
     EPS_AFTER_POWER,
     FD_CENTRAL,
     HESSIAN_AUTO,
@@ -72,6 +71,7 @@ from sassha_dist.options import (
     PROBES_AUTO,
     PROBES_GLOBAL,
     PROBES_PER_RANK,
+    RENAMED_CHOICES,
     WEIGHT_DECAY_LR_SCALED,
     BiasCorrection,
     EpsPlacement,
@@ -83,11 +83,21 @@ from sassha_dist.options import (
     SasshaOptions,
     WeightDecayMode,
     check_rho,
+    current_choice,
     resolve_options,
     validate_group,
 )
+from sassha_dist.passes import AUTOGRAD_PASSES, PassRunner
 from sassha_dist.presets import AUTHORS_PRESET, RECIPE_IMAGE, authors_options
 from sassha_dist.rng import RngReplay
+from sassha_dist.state_dict import (
+    check_loadable,
+    counters_from_state,
+    loaded_entry,
+    saved_ids,
+    split_counters,
+    with_counters,
+)
 from sassha_dist.step import StepReport, StepState
 
 __all__ = ["AUTHORS_PRESET", "Closure", "Sassha", "SasshaOptions", "StepReport", "StepState"]
@@ -143,8 +153,9 @@ class Sassha(Optimizer):
             autocast with fp32 parameters pass 2.5e-2.
         eps_placement: ``"after_power"`` (default, :math:`(D/c_2)^p + \epsilon`, as
             the authors' code) or ``"inside_power"`` (:math:`(D/c_2 + \epsilon)^p`).
-        bias_correction: of :math:`D`: ``"hessian_updates"`` (default,
-            :math:`c_2 = 1-\beta_2^n` with :math:`n` refreshes), ``"global_step"``
+        bias_correction: of :math:`D`: ``"hessian_refreshes"`` (default,
+            :math:`c_2 = 1-\beta_2^n` with :math:`n` refreshes; its old name ``"hessian_updates"``
+            is accepted with a ``FutureWarning`` for one release), ``"global_step"``
             (the authors': :math:`D^p` divided by :math:`(1-\beta_2^{t_r})^{p_r}`, with
             :math:`t_r` the parameter's step at its last refresh and :math:`p_r` the power
             then, held until the next refresh) or ``"none"``.
@@ -216,7 +227,7 @@ class Sassha(Optimizer):
         fd_scheme: FdScheme = FD_CENTRAL,
         fd_step: float | None = None,
         eps_placement: EpsPlacement = EPS_AFTER_POWER,
-        bias_correction: BiasCorrection = BIAS_CORRECTION_HESSIAN_UPDATES,
+        bias_correction: BiasCorrection = BIAS_CORRECTION_HESSIAN_REFRESHES,
         weight_decay_mode: WeightDecayMode = WEIGHT_DECAY_LR_SCALED,
         probe_mode: ProbeMode = PROBES_AUTO,
         on_nonfinite: OnNonfinite = NONFINITE_SKIP,
@@ -308,7 +319,11 @@ class Sassha(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("options", SasshaOptions())
+        options = self.__dict__.setdefault("options", SasshaOptions())
+        # An optimizer pickled by 0.1.0 may hold a choice under its old name (RENAMED_CHOICES).
+        renamed = {name: current_choice(name, getattr(options, name)) for name in RENAMED_CHOICES}
+        if any(getattr(options, name) != value for name, value in renamed.items()):
+            self.options = dataclasses.replace(options, **renamed)
         if "strategy" not in self.__dict__:  # not setdefault: resolving may raise for a kept strategy
             self.__dict__["strategy"] = resolve_strategy(self._all_params())
         self.__dict__.setdefault(
@@ -324,109 +339,38 @@ class Sassha(Optimizer):
         self.__dict__["_rng_replay"] = None
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the optimizer-wide counters under ``state_keys.COUNTERS``."""
+        """torch's state dict plus the optimizer-wide counters (:mod:`sassha_dist.state_dict`)."""
         if self._pending is not None:
             raise RuntimeError(
                 "state_dict() inside a step (between perturb() and update()); save after update()."
             )
-        state_dict = super().state_dict()
-        state_dict[keys.COUNTERS] = dict(self.counters)
-        # torch's get/set_optimizer_state_dict keep only "state" and "param_groups": the counters
-        # ride along in every group too, and load_state_dict takes them from there if needed.
-        state_dict["param_groups"] = [
-            {**g, keys.COUNTERS: dict(self.counters)} for g in state_dict["param_groups"]
-        ]
-        return state_dict
+        return with_counters(super().state_dict(), self.counters)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a Sassha state dict; ``m`` and ``D`` keep their fp32 precision for low-precision params.
 
-        A state dict without counters (an older format) derives them from the
-        per-parameter state. A parameter's state without the frozen ``"global_step"``
-        correction (``state_keys.HESSIAN_CORRECTION``, saved since 0.2) derives it as if the
-        parameter had been refreshed on the regular schedule: at its step
-        :math:`t_r = t - ((t - 1) \bmod k)`, with the power ``hessian_power(t_r)``; exact for
-        runs whose parameters took part in every step.
+        Older formats load too: missing counters and frozen corrections are derived
+        (:mod:`sassha_dist.state_dict`). A dict of another optimizer or model is refused first.
         """
         if self._pending is not None:
             raise RuntimeError("load_state_dict() inside a step (between perturb() and update()).")
-        state_dict = dict(state_dict)
-        groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        in_groups = [g.pop(keys.COUNTERS, None) for g in groups]
-        state_dict["param_groups"] = groups
-        counters = state_dict.pop(keys.COUNTERS, None)
-        if counters is None and in_groups and in_groups[0] is not None:
-            counters = in_groups[0]
-        saved_state = state_dict.get("state", {})
-        for saved in saved_state.values():
-            missing = {keys.MOMENTUM, keys.HESSIAN_DIAG, keys.STEP, keys.HESSIAN_UPDATES} - set(saved)
-            if missing:
-                raise ValueError(
-                    f"Invalid state_dict for Sassha: a parameter's state lacks {sorted(missing)} "
-                    f"(it has {sorted(saved)}); was it saved by another optimizer?"
-                )
-        for group in state_dict.get("param_groups", []):
-            missing = {"lr", "betas", "weight_decay", "rho", "eps"} - set(group)
-            if missing:
-                raise ValueError(
-                    f"Invalid state_dict for Sassha: a param group lacks {sorted(missing)}; "
-                    "was it saved by another optimizer?"
-                )
-            validate_group(group)
-        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        state_dict, counters = split_counters(state_dict)
         params = self._all_params()
-        for saved_id, param in zip(saved_ids, params, strict=False):
-            saved = saved_state.get(saved_id)
-            if saved is not None and tuple(saved[keys.MOMENTUM].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"Invalid state_dict for Sassha: state of shape {tuple(saved[keys.MOMENTUM].shape)} "
-                    f"for a parameter of shape {tuple(param.shape)}; was it saved for another model?"
-                )
+        check_loadable(state_dict, params)
         super().load_state_dict(state_dict)
+        saved_state = state_dict.get("state", {})
         beta2_of = {id(p): g["betas"][1] for g in self.param_groups for p in g["params"]}
-        for saved_id, param in zip(saved_ids, params, strict=False):
+        for saved_id, param in zip(saved_ids(state_dict), params, strict=False):
             saved = saved_state.get(saved_id)
-            if saved is None:
-                continue
-            if keys.HESSIAN_CORRECTION not in saved:
-                saved = {**saved, **self._regular_correction(saved, beta2_of[id(param)])}
-            # torch casts floating state to the parameter's dtype and may alias the
-            # caller's tensors: keep m and D in the state dtype and counters in fp32, as copies.
-            for key, dtype in (
-                (keys.MOMENTUM, state_dtype(param.dtype)),
-                (keys.HESSIAN_DIAG, state_dtype(param.dtype)),
-                (keys.STEP, torch.float32),
-                (keys.HESSIAN_UPDATES, torch.float32),
-                (keys.HESSIAN_CORRECTION, torch.float64),
-                (keys.HESSIAN_CORRECTION_POWER, torch.float64),
-            ):
-                # as_tensor with the dtype: a Python float (a derived correction) keeps float64
-                self.state[param][key] = torch.as_tensor(saved[key], dtype=dtype).to(
-                    device=param.device if key in (keys.MOMENTUM, keys.HESSIAN_DIAG) else "cpu",
-                    copy=True,
+            if saved is not None:
+                self.state[param].update(
+                    loaded_entry(
+                        saved, param, beta2_of[id(param)], self.options.lazy_hessian, self.options.power_at
+                    )
                 )
         if counters is None:
-            steps = [int(s[keys.STEP]) for s in self.state.values()] or [0]
-            refreshes = [int(s[keys.HESSIAN_UPDATES]) for s in self.state.values()] or [0]
-            counters = {
-                keys.GLOBAL_STEP: max(steps),
-                keys.HESSIAN_REFRESHES: max(refreshes),
-                keys.SKIPPED_STEPS: 0,
-            }
-        self.counters = {
-            k: int(counters[k]) for k in (keys.GLOBAL_STEP, keys.HESSIAN_REFRESHES, keys.SKIPPED_STEPS)
-        }
-
-    def _regular_correction(self, saved: dict[str, Any], beta2: float) -> dict[str, float]:
-        """The frozen correction of an older state dict, as if refreshed every k steps (see load)."""
-        step, refreshes = int(saved[keys.STEP]), int(saved[keys.HESSIAN_UPDATES])
-        if refreshes == 0 or step == 0:
-            return {keys.HESSIAN_CORRECTION: 1.0, keys.HESSIAN_CORRECTION_POWER: 1.0}
-        refresh_step = step - (step - 1) % self.options.lazy_hessian
-        return {
-            keys.HESSIAN_CORRECTION: 1.0 - beta2**refresh_step,
-            keys.HESSIAN_CORRECTION_POWER: self.options.power_at(refresh_step),
-        }
+            counters = counters_from_state(self.state.values())
+        self.counters = {k: int(counters[k]) for k in keys.COUNTER_NAMES}
 
     # -- the one-call step ----------------------------------------------------------------
 
@@ -462,23 +406,33 @@ class Sassha(Optimizer):
                 return False
         return True
 
-    def run_passes(self, closure: Closure | Sequence[Closure] | None) -> torch.Tensor:
+    def run_passes(
+        self, closure: Closure | Sequence[Closure] | None, runner: PassRunner = AUTOGRAD_PASSES
+    ) -> torch.Tensor:
         """Every pass of a step, in order; the step is cancelled (theta restored) if one fails.
 
         Leaves the parameters at theta + eps and the perturbed gradient in ``p.grad`` for
         :meth:`update`: a loop may clip that gradient in between (as the Trainer does). Returns
-        the loss at theta.
+        the loss at theta. ``runner`` runs the backward passes (:mod:`sassha_dist.passes`); one
+        whose update reads the last pass's gradient from the engine
+        (``update_reads_last_pass``, the ZeRO driver's) gets the finite differences before the
+        perturbed pass.
         """
         closures = as_closures(closure)
         try:
-            loss = self.gradient_pass(closures)
-            self.perturb(loss)
-            self.perturbed_pass(closures)
-            self.hessian_pass(closures)
+            loss = self.gradient_pass(closures, runner)
+            self.perturb(loss, runner)
+            if runner.update_reads_last_pass:
+                self.hessian_pass(closures, runner)
+            self.perturbed_pass(closures, runner)
+            if not runner.update_reads_last_pass:
+                self.hessian_pass(closures, runner)
         except BaseException:
+            moved = self.in_step
             self.cancel()
+            runner.step_cancelled(moved)
             raise
-        return loss
+        return self._pending.report.loss if loss is None else loss
 
     # -- the passes -----------------------------------------------------------------------
 
@@ -501,12 +455,16 @@ class Sassha(Optimizer):
         # Every group counts, empty or not: ZeRO-3 keeps its groups empty outside engine.step().
         return all(self.rho_at(group, step) == 0.0 for group in self.param_groups)
 
-    def gradient_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
+    def gradient_pass(
+        self, closure: Closure | Sequence[Closure], runner: PassRunner = AUTOGRAD_PASSES
+    ) -> torch.Tensor | None:
         """Zero the gradients and accumulate the gradient at the current parameters; returns the loss.
 
         On a one-pass step (:meth:`one_pass_due`) that is due an exact Hessian, the
         Hessian-vector products come from this pass's graph. With ``perturbation="momentum"`` it
         first moves to :math:`\\tilde w` (:meth:`ascend`): the gradient is the perturbed one.
+        A one-pass step under a runner whose update reads the last pass (ZeRO) takes its pass in
+        :meth:`perturbed_pass`: this runs no pass and returns ``None``.
         """
         if self._pending is not None or self._ascent is not None:
             raise RuntimeError("gradient_pass() inside a step: call update() or cancel() first.")
@@ -516,18 +474,21 @@ class Sassha(Optimizer):
         params = self._trainable_params()
         if self.options.perturbation == PERTURB_MOMENTUM:
             self.ascend(params)
+            runner.parameters_moved()
         self._start_rng_replay()
         one_pass = self.one_pass_due()
+        if one_pass and runner.update_reads_last_pass:
+            return None
         if one_pass and self.hessian_method == HESSIAN_EXACT and self._hessian_due(params):
             loss, self._fused = self._fused_exact_pass(params, closures)
             return loss
         # The authors' local perturbation only concerns the ascent; a one-pass gradient is the update's.
         local = self.options.local_perturbation and not one_pass
         backward = self.strategy.local_backward if local else self.strategy.backward
-        return self._backward_all(closures, params, backward)
+        return runner.accumulate(self, closures, params, backward)
 
     @torch.no_grad()
-    def perturb(self, loss: torch.Tensor | None = None) -> None:
+    def perturb(self, loss: torch.Tensor | None = None, runner: PassRunner = AUTOGRAD_PASSES) -> None:
         """Move each parameter with a gradient to :math:`\\theta + \\epsilon`, saving :math:`\\theta` exactly.
 
         Reads the gradient at :math:`\\theta` from ``p.grad``; ``loss`` (optional)
@@ -541,7 +502,13 @@ class Sassha(Optimizer):
                 "perturbation='momentum' takes the step's one pass at the perturbed point: call "
                 "gradient_pass(closure) (or step(closure)), not a backward of your own, before perturb()."
             )
-        self.start_step(*self.members(), loss, one_pass=self.one_pass_due())
+        one_pass = self.one_pass_due()
+        # A one-pass step whose pass comes last has no gradient yet: every parameter takes part.
+        later = one_pass and runner.update_reads_last_pass
+        self.start_step(*self.members(every=later), loss, one_pass=one_pass, gradients=not later)
+        runner.step_started(self, self._pending)
+        if not one_pass:
+            runner.parameters_moved()
 
     @torch.no_grad()
     def ascend(self, params: list[torch.Tensor]) -> None:
@@ -609,8 +576,8 @@ class Sassha(Optimizer):
     ) -> None:
         """Begin the step over ``params``: the gradient norm, and the perturbation unless ``one_pass``.
 
-        ``gradients=False``: no gradient at theta exists yet (the ZeRO driver's one-pass step takes
-        its only pass last); the norm and its check are then the caller's.
+        ``gradients=False``: no gradient at theta exists yet (a one-pass step whose pass comes last,
+        under ZeRO); :meth:`perturbed_pass` then takes the norm and its check.
         """
         local_params = [self.strategy.local(p) for p in params]
         report = StepReport(loss=None if loss is None else loss.detach())
@@ -627,12 +594,7 @@ class Sassha(Optimizer):
             pending.checks.append(("Hessian estimate", self._all_finite(pending.estimates)))
         if params and gradients:
             grads = self._local_grads(params, local_params)
-            sq_norm = perturbation_sq_norm(
-                local_params, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
-            )
-            grad_norm = self.strategy.sum_scalar(sq_norm).sqrt()
-            report.grad_norm = grad_norm
-            pending.checks.append(("gradient", all_finite_flag(grad_norm)))
+            grad_norm = self._record_gradient_norm(pending, grads)
             if not one_pass:
                 step = self.counters[keys.GLOBAL_STEP] + 1
                 denominator = grad_norm + self.options.perturb_eps
@@ -655,16 +617,22 @@ class Sassha(Optimizer):
             pending.theta = [p.detach().clone() for p in local_params]  # the passes move theta
         self._pending = pending
 
-    def perturbed_pass(self, closure: Closure | Sequence[Closure]) -> torch.Tensor:
+    def perturbed_pass(
+        self, closure: Closure | Sequence[Closure], runner: PassRunner = AUTOGRAD_PASSES
+    ) -> torch.Tensor:
         """The gradient at :math:`\\theta + \\epsilon` into ``p.grad``; on exact-Hessian steps also the HVPs.
 
         The exact Hutchinson estimate reuses this pass's graph: one forward,
         the gradient with ``create_graph=True``, then one double backward per probe.
         On a one-pass step the gradient pass already was this pass: nothing runs, unless
         an exact Hessian is due and the gradient came from elsewhere (then this pass adds it).
+        Under a runner whose update reads the last pass (ZeRO) the gradient stays in the engine,
+        and this pass also is a one-pass step's only pass.
         """
         pending = self._require_pending("perturbed_pass")
         closures = as_closures(closure)
+        if runner.update_reads_last_pass:
+            return self._last_pass(pending, closures, runner)
         exact_due = pending.hessian_due and self.hessian_method == HESSIAN_EXACT
         if pending.one_pass and not (exact_due and pending.estimates is None):
             pending.report.perturbed_loss = pending.report.loss
@@ -674,14 +642,16 @@ class Sassha(Optimizer):
         if exact_due:
             loss = self._exact_hessian_pass(pending, closures)
         else:
-            loss = self._backward_all(closures, pending.params)
+            loss = runner.accumulate(self, closures, pending.params)
         pending.report.perturbed_loss = loss
         pending.checks.append(("perturbed loss", all_finite_flag(loss)))
         pending.checks.append(("perturbed gradient", self._gradsall_finite_flag(pending.params)))
         return loss
 
     @torch.no_grad()
-    def hessian_pass(self, closure: Closure | Sequence[Closure]) -> None:
+    def hessian_pass(
+        self, closure: Closure | Sequence[Closure], runner: PassRunner = AUTOGRAD_PASSES
+    ) -> None:
         r"""Finite-difference Hutchinson estimate at :math:`w = \theta + \epsilon` on Hessian steps.
 
         Central: :math:`z \odot (g(w+hz) - g(w-hz)) / 2h`, two passes per probe;
@@ -703,34 +673,66 @@ class Sassha(Optimizer):
             return
         closures = as_closures(closure)
         params, local_params = pending.params, pending.locals
-        saved_grads = [p.grad for p in params]
-        perturbed_grads = self._take_grads(params, local_params)
-        # ||w||^2 and the number of probe elements, summed over shards in one collective.
-        local_sq_norm = sq_norm(local_params, foreach=self.options.foreach)
-        local_count = local_sq_norm.new_full((), float(sum(p.numel() for p in local_params)))  # no H2D copy
-        totals = self.strategy.sum_scalar(torch.stack([local_sq_norm, local_count.to(local_sq_norm.dtype)]))
-        point_sq_norm, num_elements = totals.tolist()
-        point_norm, num_elements = math.sqrt(point_sq_norm), round(num_elements)
-        fd_step = (
-            self.options.fd_step if self.options.fd_step is not None else default_fd_step(params[0].dtype)
+        # g(w) is in p.grad now, unless the runner takes the perturbed pass after the differences.
+        at_point_known = not runner.update_reads_last_pass
+        if at_point_known:
+            saved_grads = [p.grad for p in params]
+            perturbed_grads = runner.take_gradients(self, params, local_params)
+        point_norm, num_elements = self.strategy.norm_and_count(local_params, foreach=self.options.foreach)
+        fd_step = self.options.fd_step
+        if fd_step is None:
+            fd_step = default_fd_step(runner.compute_dtype(params))
+        h = finite_difference_step(fd_step, point_norm, num_elements)
+        central = self.options.fd_scheme == FD_CENTRAL
+        passes = runner.difference_passes(
+            self, pending, closures, perturbed_grads if at_point_known else None
         )
-        low_precision = any(state_dtype(p.dtype) != p.dtype for p in local_params)
-        point = [p.detach().clone() for p in local_params] if low_precision else None
-        estimates = hutchinson_by_differences(
-            _AutogradDifferences(self, pending, point, perturbed_grads, closures),
+        pending.estimates = hutchinson_by_differences(
+            passes,
             lambda sample: self._probes(pending, sample, dtype=torch.int8),
-            h=finite_difference_step(fd_step, point_norm, num_elements),
-            central=self.options.fd_scheme == FD_CENTRAL,
+            h=h,
+            central=central,
             n_samples=self.options.n_samples,
         )
+        runner.parameters_moved()
+        if not at_point_known:
+            if not central:
+                pending.forward_correction = (
+                    passes.probe_sum,
+                    difference_weight(h, central=False, n_samples=self.options.n_samples),
+                )
+            return
         for p, g, perturbed in zip(params, saved_grads, perturbed_grads, strict=True):
             p.grad = g
             local = None if g is None else self.strategy.local(g)
             if local is not None and local.data_ptr() != perturbed.data_ptr():
                 local.copy_(perturbed)  # an engine buffer the passes overwrote (owned_gradient)
-        pending.estimates = estimates
-        pending.report.hessian_underflow = curvature_underflow(estimates, perturbed_grads)
-        pending.checks.append(("Hessian estimate", self._all_finite(estimates)))
+        self._check_estimates(pending, perturbed_grads)
+
+    def _last_pass(self, pending: StepState, closures: list[Closure], runner: PassRunner) -> torch.Tensor:
+        """The step's last pass through ``runner`` (ZeRO): its gradient stays in the engine for the update.
+
+        Completes forward differences with the gradient at the point, and checks the estimate.
+        """
+        loss, grads = runner.last_pass(self, closures)
+        report = pending.report
+        report.perturbed_loss = loss
+        if pending.one_pass:  # this was the step's only pass
+            report.loss = loss
+            pending.checks.append(("loss", all_finite_flag(loss)))
+            self._record_gradient_norm(pending, grads)
+        else:
+            pending.checks.append(("perturbed loss", all_finite_flag(loss)))
+            pending.checks.append(("perturbed gradient", self._all_finite(grads)))
+        if pending.forward_correction is not None:
+            # Forward differences: sum_s z_s * (g(w + h z_s) - g(w)) / (h S), g(w) known only now.
+            probe_sum, weight = pending.forward_correction
+            pending.forward_correction = None
+            for estimate, z_sum, grad in zip(pending.estimates, probe_sum, grads, strict=True):
+                estimate.addcmul_(z_sum, grad, value=-weight)
+        if pending.estimates is not None:
+            self._check_estimates(pending, grads)
+        return loss
 
     @torch.no_grad()
     def update(self) -> StepReport:
@@ -929,11 +931,6 @@ class Sassha(Optimizer):
             raise RuntimeError(f"{method}() outside a step: call perturb() first (or use step(closure)).")
         return self._pending
 
-    def begin_passes(self) -> None:
-        """A driver is about to run a step's passes itself: record their random numbers from here."""
-        self._fused = None
-        self._start_rng_replay()
-
     def end_passes(self) -> None:
         """A driver ran the last pass of its step: leave the generators where one pass would."""
         self._finish_rng_replay()
@@ -970,61 +967,18 @@ class Sassha(Optimizer):
         with replay.around(index):
             return evaluate_closure(closure)
 
-    def _backward_all(
-        self,
-        closures: list[Closure],
-        params: list[torch.Tensor],
-        backward: Callable[[torch.Tensor, Sequence[torch.Tensor]], None] | None = None,
-    ) -> torch.Tensor:
-        backward = backward or self.strategy.backward
-        total = None
-        for index, closure in enumerate(closures):
-            loss = self.evaluate_in_step(closure, index)
-            backward(loss, params)
-            total = loss.detach() if total is None else total + loss.detach()
-        return total
-
     def _exact_products(
         self, params: list[torch.Tensor], probe_indices: list[int], closures: list[Closure]
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[bool]]:
-        """Gradient and exact Hutchinson estimate from one graph per micro-batch.
-
-        Differentiates with respect to the strategy's full parameter tensors (the
-        parameters themselves, or FSDP2's unsharded copies), with whole-tensor
-        probes, then lets the strategy average over ranks. Returns the loss, the reduced
-        gradients, the local estimates and, per parameter, whether this rank's graph reached it.
-        """
-        samples = self.options.n_samples
-        # Sums over micro-batches and samples, started from the first term (no zero-filled buffers).
-        estimates: list[torch.Tensor] = []
-        gradients: list[torch.Tensor] = []
-        probe_sets: list[list[torch.Tensor]] = []
-        used = [False] * len(params)
-        total = None
-        with self.strategy.exact_hessian_context():
-            for index, closure in enumerate(closures):
-                loss = self.evaluate_in_step(closure, index)
-                inputs = self.strategy.differentiable_params(params)
-                if not probe_sets:
-                    probe_sets = [self._whole_probes(inputs, probe_indices, s) for s in range(samples)]
-                grads = self.strategy.gradients_with_graph(loss, inputs)
-                used = [u or g is not None for u, g in zip(used, grads, strict=True)]
-                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
-                for sample, probes in enumerate(probe_sets):
-                    products = exact_hvp(grads, inputs, probes, retain_graph=sample < samples - 1)
-                    # in the state dtype; the first products become the estimates in place
-                    products = [hv.to(state_dtype(hv.dtype)) for hv in products]
-                    signs = [z.to(hv.dtype) for z, hv in zip(probes, products, strict=True)]
-                    estimates = accumulate_hutchinson_(estimates, signs, products, 1.0 / samples)
-                with torch.no_grad():
-                    if gradients:
-                        torch._foreach_add_(gradients, [g.detach() for g in grads])
-                    else:
-                        gradients = [g.detach() for g in grads]
-                total = loss.detach() if total is None else total + loss.detach()
-        reduced = self.strategy.reduce_exact(params, gradients)
-        local_estimates = [self.strategy.local(e) for e in self.strategy.reduce_exact(params, estimates)]
-        return total, reduced, local_estimates, used
+    ) -> ExactProducts:
+        """Gradient and exact Hutchinson estimate of ``params`` from one graph per micro-batch."""
+        return exact_products(
+            self.strategy,
+            params,
+            closures,
+            n_samples=self.options.n_samples,
+            evaluate=self.evaluate_in_step,
+            probes=lambda inputs, sample: self._whole_probes(inputs, probe_indices, sample),
+        )
 
     def _exact_hessian_pass(self, pending: StepState, closures: list[Closure]) -> torch.Tensor:
         """Perturbed gradient into ``p.grad`` and the exact estimate into ``pending``, in one pass."""
@@ -1072,40 +1026,20 @@ class Sassha(Optimizer):
         sample: int,
         dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
-        """Probe ``sample`` for each tensor of ``likes``, filled from its segments (zero elsewhere).
+        """This refresh's probe ``sample`` for each of ``likes``, from its segments (zero elsewhere).
 
-        In ``dtype`` (default: each tensor's own); ``torch.int8`` signs take a quarter of fp32's memory.
-
-        All segments are drawn in one batched hash per (dtype, device); a tensor that is one
-        whole segment gets a view of the drawn values, without a copy.
+        In ``dtype`` (default: each tensor's own); ``torch.int8`` signs take a quarter of fp32's
+        memory. See :func:`sassha_dist.hessian.probes.segment_probes`.
         """
-        refresh, rank = self.counters[keys.HESSIAN_REFRESHES], self._probe_rank()
-        seed = self.options.seed
-        requests = [
-            (like, seg) for like, segments in zip(likes, segment_lists, strict=True) for seg in segments
-        ]
-        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, (like, _) in enumerate(requests):
-            by_kind.setdefault((dtype or like.dtype, like.device), []).append(i)
-        drawn: list[torch.Tensor] = [torch.empty(0)] * len(requests)
-        for (kind_dtype, device), members in by_kind.items():
-            ranges = [
-                (probe_key(seed, refresh, seg.param_index, sample, rank), seg.length, seg.element_offset)
-                for seg in (requests[i][1] for i in members)
-            ]
-            drawn_kind = rademacher_ranges(ranges, dtype=kind_dtype, device=device)
-            for i, z in zip(members, drawn_kind, strict=True):
-                drawn[i] = z
-        probes, pieces = [], iter(drawn)
-        for like, segments in zip(likes, segment_lists, strict=True):
-            if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
-                probes.append(next(pieces).view_as(like))
-                continue
-            z = torch.zeros(like.numel(), dtype=dtype or like.dtype, device=like.device)
-            for seg in segments:
-                z[seg.local_start : seg.local_start + seg.length] = next(pieces)
-            probes.append(z.view_as(like))
-        return probes
+        return segment_probes(
+            likes,
+            segment_lists,
+            seed=self.options.seed,
+            refresh=self.counters[keys.HESSIAN_REFRESHES],
+            sample=sample,
+            rank=self._probe_rank(),
+            dtype=dtype,
+        )
 
     def _probes(
         self, pending: StepState, sample: int, dtype: torch.dtype | None = None
@@ -1124,26 +1058,6 @@ class Sassha(Optimizer):
         segments = [[ProbeSegment(0, t.numel(), index, 0)] for t, index in zip(tensors, indices, strict=True)]
         return self.draw_probes(tensors, segments, sample)
 
-    def _accumulate_gradients(self, pending: StepState, closures: list[Closure]) -> None:
-        """Backward passes of all closures at the current parameters, accumulating into ``p.grad``."""
-        with torch.enable_grad():
-            self._backward_all(closures, pending.params)
-
-    def _take_state_grads(self, pending: StepState) -> list[torch.Tensor]:
-        """The local gradients in the state dtype, leaving ``p.grad = None``."""
-        grads = self._take_grads(pending.params, pending.locals)
-        return [g.to(state_dtype(g.dtype)) for g in grads]
-
-    def _take_grads(self, params: list[torch.Tensor], local_params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Detach the local gradients from ``params`` (zeros where none), leaving ``p.grad = None``.
-
-        The tensors are the step's own: the engine does not write them in a later pass.
-        """
-        grads = [self.strategy.owned_gradient(g) for g in self._local_grads(params, local_params)]
-        for p in params:
-            p.grad = None
-        return grads
-
     def _local_grads(
         self, params: list[torch.Tensor], local_params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
@@ -1152,6 +1066,21 @@ class Sassha(Optimizer):
             torch.zeros_like(local) if p.grad is None else self.strategy.local(p.grad)
             for p, local in zip(params, local_params, strict=True)
         ]
+
+    def _record_gradient_norm(self, pending: StepState, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global norm of the gradient at theta (``adaptive``: of ``|theta| g``), reported and checked."""
+        local_sq_norm = perturbation_sq_norm(
+            pending.locals, grads, adaptive=self.options.adaptive, foreach=self.options.foreach
+        )
+        grad_norm = self.strategy.sum_scalar(local_sq_norm).sqrt()
+        pending.report.grad_norm = grad_norm
+        pending.checks.append(("gradient", all_finite_flag(grad_norm)))
+        return grad_norm
+
+    def _check_estimates(self, pending: StepState, gradient_at_point: list[torch.Tensor]) -> None:
+        """The finite-difference estimate's underflow diagnostic and finiteness check."""
+        pending.report.hessian_underflow = curvature_underflow(pending.estimates, gradient_at_point)
+        pending.checks.append(("Hessian estimate", self._all_finite(pending.estimates)))
 
     def _gradsall_finite_flag(self, params: list[torch.Tensor]) -> torch.Tensor:
         return self._all_finite(self._local_grads(params, [self.strategy.local(p) for p in params]))
@@ -1193,63 +1122,6 @@ class Sassha(Optimizer):
             weight_decay_mode=self.options.weight_decay_mode,
             momentum_bias_correction=self.options.momentum_bias_correction,
         )
-
-
-class _AutogradDifferences(DifferencePasses):
-    """Finite differences whose passes accumulate into ``p.grad`` (single device, DDP, FSDP).
-
-    With full-precision parameters ``w`` is not copied: the passes move the parameters by
-    ``+hz, -2hz, +hz``, and the second central pass back-propagates the negated loss onto the
-    first gradient, so the difference forms in the gradient buffers (negation is exact, so this
-    equals the subtraction bit for bit). Low-precision parameters are set from the exact copy
-    ``point`` instead.
-    """
-
-    def __init__(
-        self,
-        optimizer: Sassha,
-        step: StepState,
-        point: list[torch.Tensor] | None,
-        gradient_at_point: list[torch.Tensor],
-        closures: list[Closure],
-    ) -> None:
-        self.optimizer, self.step, self.point = optimizer, step, point
-        self.gradient_at_point, self.closures = gradient_at_point, closures
-
-    def _move_to(self, signs: list[torch.Tensor], h: float) -> None:
-        """Parameters to ``w + h z``: set exactly from ``point``, or moved from ``w`` without one."""
-        if self.point is not None:
-            torch._foreach_copy_(self.step.locals, self.point)
-        torch._foreach_add_(self.step.locals, signs, alpha=h)
-
-    def central(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
-        opt, step, locals_ = self.optimizer, self.step, self.step.locals
-        self._move_to(signs, h)
-        opt._accumulate_gradients(step, self.closures)
-        if self.point is None:
-            torch._foreach_add_(locals_, signs, alpha=-2.0 * h)
-            opt._accumulate_gradients(step, [negated(c) for c in self.closures])
-            torch._foreach_add_(locals_, signs, alpha=h)
-            return opt._take_grads(step.params, locals_)
-        difference = opt._take_state_grads(step)
-        self._move_to(signs, -h)
-        opt._accumulate_gradients(step, self.closures)
-        torch._foreach_sub_(difference, opt._take_state_grads(step))
-        torch._foreach_copy_(locals_, self.point)
-        return difference
-
-    def forward(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
-        opt, step = self.optimizer, self.step
-        self._move_to(signs, h)
-        opt._accumulate_gradients(step, self.closures)
-        difference = opt._take_state_grads(step)
-        at_point = [g.to(d.dtype) for g, d in zip(self.gradient_at_point, difference, strict=True)]
-        torch._foreach_sub_(difference, at_point)
-        if self.point is None:
-            torch._foreach_add_(step.locals, signs, alpha=-h)
-        else:
-            torch._foreach_copy_(step.locals, self.point)
-        return difference
 
 
 def _validate_params(params: Iterable[torch.Tensor]) -> None:

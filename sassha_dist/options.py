@@ -15,6 +15,7 @@ Every invalid value raises ``ValueError(f"Invalid {name}={value!r}. ...")``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -23,6 +24,7 @@ import torch
 
 __all__ = [
     "CHOICES",
+    "RENAMED_CHOICES",
     "EngineCapabilities",
     "ResolvedOptions",
     "SasshaOptions",
@@ -31,6 +33,7 @@ __all__ = [
     "check_number",
     "check_power",
     "check_rho",
+    "current_choice",
     "resolve_options",
     "validate_group",
 ]
@@ -38,7 +41,7 @@ __all__ = [
 HessianMethod = Literal["auto", "exact", "finite_difference"]
 FdScheme = Literal["central", "forward"]
 EpsPlacement = Literal["after_power", "inside_power"]
-BiasCorrection = Literal["hessian_updates", "global_step", "none"]
+BiasCorrection = Literal["hessian_refreshes", "global_step", "none"]
 WeightDecayMode = Literal["lr_scaled", "lr_independent"]
 ProbeMode = Literal["auto", "per_rank", "global"]
 OnNonfinite = Literal["skip", "raise"]
@@ -47,7 +50,11 @@ Perturbation = Literal["gradient", "momentum"]
 HESSIAN_AUTO, HESSIAN_EXACT, HESSIAN_FINITE_DIFFERENCE = get_args(HessianMethod)
 FD_CENTRAL, FD_FORWARD = get_args(FdScheme)
 EPS_AFTER_POWER, EPS_INSIDE_POWER = get_args(EpsPlacement)
-BIAS_CORRECTION_HESSIAN_UPDATES, BIAS_CORRECTION_GLOBAL_STEP, BIAS_CORRECTION_NONE = get_args(BiasCorrection)
+BIAS_CORRECTION_HESSIAN_REFRESHES, BIAS_CORRECTION_GLOBAL_STEP, BIAS_CORRECTION_NONE = get_args(
+    BiasCorrection
+)
+#: Deprecated alias of :data:`BIAS_CORRECTION_HESSIAN_REFRESHES` (removed in the next release).
+BIAS_CORRECTION_HESSIAN_UPDATES = BIAS_CORRECTION_HESSIAN_REFRESHES
 WEIGHT_DECAY_LR_SCALED, WEIGHT_DECAY_LR_INDEPENDENT = get_args(WeightDecayMode)
 PROBES_AUTO, PROBES_PER_RANK, PROBES_GLOBAL = get_args(ProbeMode)
 NONFINITE_SKIP, NONFINITE_RAISE = get_args(OnNonfinite)
@@ -64,6 +71,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": get_args(OnNonfinite),
     "perturbation": get_args(Perturbation),
 }
+
+#: Option values renamed after 0.1.0, accepted with a ``FutureWarning`` for one release: old -> new.
+RENAMED_CHOICES: dict[str, dict[str, str]] = {
+    "bias_correction": {"hessian_updates": BIAS_CORRECTION_HESSIAN_REFRESHES},
+}
+
+
+def current_choice(name: str, value: Any) -> Any:
+    """``value`` under its current name: a renamed choice (:data:`RENAMED_CHOICES`) warns and maps."""
+    new = RENAMED_CHOICES.get(name, {}).get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    warnings.warn(
+        f"{name}={value!r} is deprecated and will be removed in the next release: use {name}={new!r} "
+        "(the same behaviour).",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return new
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -88,7 +114,7 @@ class SasshaOptions:
     fd_scheme: FdScheme = FD_CENTRAL
     fd_step: float | None = None
     eps_placement: EpsPlacement = EPS_AFTER_POWER
-    bias_correction: BiasCorrection = BIAS_CORRECTION_HESSIAN_UPDATES
+    bias_correction: BiasCorrection = BIAS_CORRECTION_HESSIAN_REFRESHES
     weight_decay_mode: WeightDecayMode = WEIGHT_DECAY_LR_SCALED
     probe_mode: ProbeMode = PROBES_AUTO
     on_nonfinite: OnNonfinite = NONFINITE_SKIP
@@ -117,6 +143,8 @@ class SasshaOptions:
         fd_step = self.fd_step
         if fd_step is not None and not (0.0 < check_number("fd_step", fd_step) < math.inf):
             raise ValueError(f"Invalid {fd_step=}. Must be > 0 and finite, or None for the dtype's default.")
+        for name in RENAMED_CHOICES:
+            object.__setattr__(self, name, current_choice(name, getattr(self, name)))
         for name, allowed in CHOICES.items():
             check_choice(name, getattr(self, name), allowed)
         if self.perturbation == PERTURB_MOMENTUM:

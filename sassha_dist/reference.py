@@ -23,7 +23,7 @@ One step (``t`` = steps taken so far, ``n`` = Hessian updates so far)::
         c_r, k_r = 1 - β₂^(t+1), k      (the authors' correction, frozen until the next refresh)
     t    = t + 1
     m    = β₁ m + (1 - β₁) gt           m̂ = m / (1 - β₁ᵗ)   (m̂ = m without momentum_bias_correction)
-    (in, out) = (1 - β₂ⁿ, (1 - β₂ⁿ)ᵏ)   (bias_correction = hessian_updates)
+    (in, out) = (1 - β₂ⁿ, (1 - β₂ⁿ)ᵏ)   (bias_correction = hessian_refreshes)
               | (c_r, c_rᵏʳ)             (global_step, the authors' rule)
               | (1, 1)                   (none)
     den  = Dᵏ / out + ε                 (eps_placement = after_power)
@@ -52,13 +52,14 @@ State (``m``, ``D``) and all arithmetic use the parameter dtype promoted to at l
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from sassha_dist.hessian.probes import probe_key, rademacher
-from sassha_dist.options import CHOICES
+from sassha_dist.options import CHOICES, RENAMED_CHOICES, current_choice
 from sassha_dist.rng import RngReplay
 
 __all__ = ["ReferenceConfig", "ReferenceSassha"]
@@ -89,7 +90,7 @@ class ReferenceConfig:
     fd_scheme: str = "central"
     fd_step: float = 1e-3
     eps_placement: str = "after_power"
-    bias_correction: str = "hessian_updates"
+    bias_correction: str = "hessian_refreshes"
     weight_decay_mode: str = "lr_scaled"
     probe_mode: str = "per_rank"
     local_perturbation: bool = False
@@ -98,6 +99,8 @@ class ReferenceConfig:
     perturbation: str = "gradient"
 
     def __post_init__(self) -> None:
+        for name in RENAMED_CHOICES:
+            object.__setattr__(self, name, current_choice(name, getattr(self, name)))
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Invalid {name}={getattr(self, name)!r}. Must be one of {allowed}.")
@@ -153,9 +156,19 @@ class ReferenceSassha:
         self.m: Tensors = [torch.zeros_like(p, dtype=d) for p, d in zip(self.params, self.state_dtypes)]
         self.D: Tensors = [torch.zeros_like(p, dtype=d) for p, d in zip(self.params, self.state_dtypes)]
         self.step_count = 0
-        self.hessian_updates = 0
+        self.hessian_refreshes = 0
         self.skipped_steps = 0
         self.refresh_power = 1.0  # k_r of the last refresh; c_r is kept per group
+
+    @property
+    def hessian_updates(self) -> int:
+        """Deprecated name of :attr:`hessian_refreshes` (removed in the next release)."""
+        warnings.warn(
+            "ReferenceSassha.hessian_updates is deprecated: use hessian_refreshes.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.hessian_refreshes
 
     # ----------------------------------------------------------------------------------- helpers
     def _write(self, point: Tensors) -> None:
@@ -286,7 +299,7 @@ class ReferenceSassha:
 
     def _step(self, loss_fn, batches: list, theta_saved: Tensors) -> float:
         W, cfg = len(batches), self.config
-        t, n = self.step_count, self.hessian_updates
+        t, n = self.step_count, self.hessian_refreshes
         theta = [x.to(d) for x, d in zip(theta_saved, self.state_dtypes)]  # θ_t, state dtype
 
         if cfg.perturbation == "momentum":
@@ -333,7 +346,7 @@ class ReferenceSassha:
             m_hat = self.m[i] / (1 - beta1**t) if cfg.momentum_bias_correction else self.m[i]
             c_r = group.get("refresh_correction", 1.0)
             inside, after = {
-                "hessian_updates": (1 - beta2**n, (1 - beta2**n) ** power),
+                "hessian_refreshes": (1 - beta2**n, (1 - beta2**n) ** power),
                 "global_step": (c_r, c_r**self.refresh_power),
                 "none": (1.0, 1.0),
             }[cfg.bias_correction]
@@ -346,5 +359,5 @@ class ReferenceSassha:
             )
             theta[i] = theta[i] - group["lr"] * m_hat / denom - decay_rate * theta[i]
         self._write(theta)
-        self.step_count, self.hessian_updates = t, n
+        self.step_count, self.hessian_refreshes = t, n
         return loss

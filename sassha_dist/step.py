@@ -59,6 +59,10 @@ class StepState:
     #: The local tensors ``theta`` restores, when not ``locals``: the momentum ascent moves every
     #: trainable parameter, the step updates those with a gradient.
     moved: list[torch.Tensor] | None = None
+    #: Forward differences taken before the gradient at their point (a runner whose update
+    #: reads the last pass, ZeRO): the sum of the probes and the weight ``1/(hS)``. The last pass
+    #: subtracts ``weight * probe_sum * g(w)`` from the estimate.
+    forward_correction: tuple[list[torch.Tensor], float] | None = None
 
     @property
     def restored(self) -> list[torch.Tensor]:

@@ -111,7 +111,7 @@ def test_image_preset_is_not_the_per_step_correction():
         60, Sassha.authors, _quadratic, **{**settings, "bias_correction": "global_step"}
     )
     per_refresh, _, _ = _run_sassha(
-        60, Sassha.authors, _quadratic, **{**settings, "bias_correction": "hessian_updates"}
+        60, Sassha.authors, _quadratic, **{**settings, "bias_correction": "hessian_refreshes"}
     )
     torch.testing.assert_close(actual, frozen, rtol=RTOL, atol=ATOL)
     assert (per_refresh - frozen).abs().max() / frozen.abs().max() > 1e-2

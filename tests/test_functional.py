@@ -114,7 +114,7 @@ def test_hessian_ema(kind):
 UPDATE_COMBOS = list(
     itertools.product(
         ("after_power", "inside_power"),
-        ("hessian_updates", "global_step", "none"),
+        ("hessian_refreshes", "global_step", "none"),
         ("lr_scaled", "lr_independent"),
         (0.0, 0.1),  # weight decay off (the kernel skips the multiply) and on
         (0.5, 1.0, 0.8),

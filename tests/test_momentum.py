@@ -417,7 +417,7 @@ def test_zero(stage):
             torch.testing.assert_close(actual.double(), wanted, rtol=zero.RTOL, atol=zero.ATOL)
         assert result["counters"] == {
             keys.GLOBAL_STEP: STEPS,
-            keys.HESSIAN_REFRESHES: ref.hessian_updates,
+            keys.HESSIAN_REFRESHES: ref.hessian_refreshes,
             keys.SKIPPED_STEPS: 0,
         }
     mean = [sum(r["losses"][t] for r in results) / 2 for t in range(STEPS)]

@@ -40,7 +40,7 @@ from tests.helpers import (
 #     gt  = a (theta + e) + b                             gradient at the perturbed point
 #     if (t - 1) % k == 0:  D = b2 D + (1 - b2)|a|,  n += 1     (refresh on steps 1, k+1, 2k+1, ...)
 #     m   = b1 m + (1 - b1) gt
-#     c2  = 1 - b2^n | 1 - b2^t | 1                       (hessian_updates | global_step | none)
+#     c2  = 1 - b2^n | 1 - b2^t | 1                       (hessian_refreshes | global_step | none)
 #     den = (D / c2)^p + eps  |  (D / c2 + eps)^p         (after_power | inside_power), p = power(t)
 #     theta = theta - lr (m / (1 - b1^t)) / den - lam theta,  lam = lr wd (lr_scaled) | wd (lr_independent)
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _closed_form(
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, gt, strict=True)]
         # what divides D inside the power, and D^p after it
         inside, after = {
-            "hessian_updates": (1 - b2**n, (1 - b2**n) ** p),
+            "hessian_refreshes": (1 - b2**n, (1 - b2**n) ** p),
             "global_step": (c_r, c_r**p_r),
             "none": (1.0, 1.0),
         }[bias_correction]
@@ -127,7 +127,7 @@ Q_BASE = {
     "weight_decay": 0.0,
     "lazy_hessian": 1,
     "hessian_power": 0.5,
-    "bias_correction": "hessian_updates",
+    "bias_correction": "hessian_refreshes",
     "eps_placement": "after_power",
     "weight_decay_mode": "lr_scaled",
     "adaptive": False,
@@ -135,7 +135,7 @@ Q_BASE = {
 Q_COMBOS = [
     {"lazy_hessian": k, "rho": rho, "hessian_power": p, "bias_correction": bc}
     for k, rho, p, bc in itertools.product(
-        (1, 3), (0.0, 0.1), (0.5, 1.0, _power_schedule), ("hessian_updates", "global_step", "none")
+        (1, 3), (0.0, 0.1), (0.5, 1.0, _power_schedule), ("hessian_refreshes", "global_step", "none")
     )
 ] + [
     {"lazy_hessian": k, "eps_placement": ep, "weight_decay": 0.05, "weight_decay_mode": wm, "adaptive": ad}
@@ -207,7 +207,7 @@ def _run_against_reference(groups_of, opt_kwargs, ref_kwargs, steps=20, mutate=N
         for x, y in zip(model.parameters(), ref_model_params, strict=True):
             torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-10, atol=1e-11)
     assert opt.counters[keys.GLOBAL_STEP] == ref.step_count == steps
-    assert opt.counters[keys.HESSIAN_REFRESHES] == ref.hessian_updates
+    assert opt.counters[keys.HESSIAN_REFRESHES] == ref.hessian_refreshes
     # m and D (magnitudes up to ~0.2) carry the same rounding-level differences: rtol 1e-10 / atol 1e-12.
     for p, m, d in zip(model.parameters(), ref.m, ref.D, strict=True):
         torch.testing.assert_close(opt.state[p][keys.MOMENTUM], m, rtol=1e-10, atol=1e-12)
@@ -481,7 +481,7 @@ def test_update_is_applied_to_the_saved_theta(dtype, foreach):
             eps=1e-4,
             hessian_power=0.5,
             eps_placement="after_power",
-            bias_correction="hessian_updates",
+            bias_correction="hessian_refreshes",
             weight_decay_mode="lr_scaled",
         )
         sassha_update(

@@ -59,7 +59,7 @@ def closed_form(theta, coeffs, cfg: ReferenceConfig, lrs, steps: int):
             c_r, k_r = 1 - b2**t, k
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, gt)]
         inside, after = {  # what divides D inside the power, and D^k after it
-            "hessian_updates": (1 - b2**n, (1 - b2**n) ** k),
+            "hessian_refreshes": (1 - b2**n, (1 - b2**n) ** k),
             "global_step": (c_r, c_r**k_r),
             "none": (1.0, 1.0),
         }[cfg.bias_correction]
@@ -87,7 +87,7 @@ def _schedule(t: int) -> float:
 COMBOS = [
     {"lazy_hessian": lh, "rho": rho, "hessian_power": hp, "bias_correction": bc}
     for lh, rho, hp, bc in itertools.product(
-        (1, 3), (0.0, 0.1), (0.5, 1.0, _schedule), ("hessian_updates", "global_step", "none")
+        (1, 3), (0.0, 0.1), (0.5, 1.0, _schedule), ("hessian_refreshes", "global_step", "none")
     )
 ] + [
     {
@@ -114,7 +114,7 @@ def test_quadratic_matches_closed_form(overrides):
     for _ in range(15):
         opt.step(quadratic_loss, [coeffs])
     assert opt.step_count == 15 and opt.skipped_steps == 0
-    assert opt.hessian_updates == len(range(0, 15, cfg.lazy_hessian))
+    assert opt.hessian_refreshes == len(range(0, 15, cfg.lazy_hessian))
     _assert_close(params, closed_form(start, coeffs, cfg, [cfg.lr] * len(SIZES), 15))
 
 
@@ -224,7 +224,7 @@ def test_non_finite_step_is_skipped(bad_call):
     loss = opt.step(loss_fn, [batch])
     calls["poison"] = False
     assert math.isnan(loss) == (bad_call == 0)
-    assert opt.skipped_steps == 1 and opt.step_count == 2 and opt.hessian_updates == 2
+    assert opt.skipped_steps == 1 and opt.step_count == 2 and opt.hessian_refreshes == 2
     for x, y in zip([p.detach() for p in params] + opt.m + opt.D, before):
         assert torch.equal(x, y)
     # The skipped step leaves no trace: continuing equals a run that never saw it.

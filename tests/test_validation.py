@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -233,3 +234,40 @@ def test_local_perturbation_needs_the_exact_hessian():
         Sassha(
             torch.nn.Linear(2, 1).parameters(), local_perturbation=True, hessian_method="finite_difference"
         )
+
+
+def test_renamed_bias_correction_warns_and_runs_the_new_name():
+    """``bias_correction="hessian_updates"``, its name in 0.1.0, warns once and is ``"hessian_refreshes"``.
+
+    Same trajectory bit for bit; an optimizer pickled with the old name loads under the new one.
+    """
+    runs = {}
+    for name in ("hessian_updates", "hessian_refreshes"):
+        model = make_mlp((3, 4, 1))
+        if name == "hessian_updates":
+            with pytest.warns(FutureWarning, match="use bias_correction='hessian_refreshes'"):
+                opt = Sassha(model.parameters(), lr=0.05, lazy_hessian=2, bias_correction=name)
+        else:
+            opt = Sassha(model.parameters(), lr=0.05, lazy_hessian=2, bias_correction=name)
+        assert opt.options.bias_correction == "hessian_refreshes"
+        for batch in make_batches(5, in_dim=3):
+            opt.step(lambda model=model, batch=batch: mse(model, batch))
+        runs[name] = snapshot(model, opt)
+    assert_same(runs["hessian_updates"], runs["hessian_refreshes"])
+
+    pickled = opt.__getstate__()
+    old_options = copy.copy(opt.options)
+    object.__setattr__(old_options, "bias_correction", "hessian_updates")  # as 0.1.0 pickled it
+    pickled["options"] = old_options
+    restored = Sassha.__new__(Sassha)
+    with pytest.warns(FutureWarning, match="hessian_refreshes"):
+        restored.__setstate__(pickled)
+    assert restored.options.bias_correction == "hessian_refreshes"
+
+
+def test_renamed_choice_in_the_reference_oracle():
+    from sassha_dist.reference import ReferenceConfig
+
+    with pytest.warns(FutureWarning, match="hessian_refreshes"):
+        config = ReferenceConfig(bias_correction="hessian_updates")
+    assert config.bias_correction == "hessian_refreshes"

@@ -104,7 +104,7 @@ def measure(
         eps=1e-4,
         hessian_power=0.5,
         eps_placement="after_power",
-        bias_correction="hessian_updates",
+        bias_correction="hessian_refreshes",
         weight_decay_mode="lr_scaled",
     )
     for foreach in (True, False):

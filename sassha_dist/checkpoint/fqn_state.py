@@ -12,9 +12,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from sassha_dist import schedules
 from sassha_dist import state_keys as keys
 from sassha_dist.checkpoint.layout import (
-    _COUNTER_KEYS,
-    _OPTIONAL_PER_PARAM_KEYS,
-    _PER_PARAM_KEYS,
     PARAM_GROUPS,
     STATE,
     _names_of,
@@ -36,7 +33,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     for saved_group, group_names in zip(indexed[PARAM_GROUPS], _group_names(optimizer, names), strict=True):
         index_to_name.update(zip(saved_group["params"], group_names, strict=True))
     state = {
-        index_to_name[index]: {k: entry[k] for k in _PER_PARAM_KEYS + _OPTIONAL_PER_PARAM_KEYS if k in entry}
+        index_to_name[index]: {k: entry[k] for k in keys.PER_PARAM + keys.OPTIONAL_PER_PARAM if k in entry}
         for index, entry in indexed[STATE].items()
     }
     groups = [
@@ -95,9 +92,9 @@ def _check_fqn_state_dict(state: Any) -> None:
             f"(it has {sorted(map(str, state))}); was it saved by another optimizer?"
         )
     counters = state[keys.COUNTERS]
-    if not isinstance(counters, Mapping) or any(k not in counters for k in _COUNTER_KEYS):
+    if not isinstance(counters, Mapping) or any(k not in counters for k in keys.COUNTER_NAMES):
         raise ValueError(
-            f"Invalid Sassha optimizer state: {keys.COUNTERS} must hold {list(_COUNTER_KEYS)}, "
+            f"Invalid Sassha optimizer state: {keys.COUNTERS} must hold {list(keys.COUNTER_NAMES)}, "
             f"got {counters!r}."
         )
 
@@ -158,7 +155,7 @@ def load_optimizer_state_dict(
         saved = state[STATE].get(name)
         if saved is None:
             continue
-        missing = [k for k in _PER_PARAM_KEYS if k not in saved]
+        missing = [k for k in keys.PER_PARAM if k not in saved]
         if missing:
             raise ValueError(
                 f"Invalid Sassha optimizer state for {name!r}: it lacks {missing} (it has {sorted(saved)}); "
@@ -169,14 +166,10 @@ def load_optimizer_state_dict(
             keys.HESSIAN_DIAG: _to_layout(
                 saved[keys.HESSIAN_DIAG], p, state_dtype(p.dtype), name, keys.HESSIAN_DIAG
             ),
-            keys.STEP: torch.as_tensor(saved[keys.STEP], dtype=torch.float32).detach().cpu(),
-            keys.HESSIAN_UPDATES: torch.as_tensor(saved[keys.HESSIAN_UPDATES], dtype=torch.float32)
-            .detach()
-            .cpu(),
             **{
-                k: torch.as_tensor(saved[k], dtype=torch.float64).detach().cpu()
-                for k in _OPTIONAL_PER_PARAM_KEYS
-                if k in saved
+                k: torch.as_tensor(saved[k], dtype=dtype).detach().cpu()
+                for k, dtype in keys.SCALAR_DTYPES.items()
+                if k in saved  # the optional entries may be missing: Sassha derives them
             },
         }
     # Saved group order may list the same names in another order: index by the optimizer's order.

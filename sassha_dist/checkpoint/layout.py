@@ -8,8 +8,6 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from sassha_dist import state_keys as keys
-
 #: Written last into a checkpoint directory: the format, each file's size and CRC32, and ``extra``.
 MANIFEST = "sassha_manifest.json"
 #: In a checkpoint root: the name of the newest complete checkpoint directory.
@@ -19,10 +17,6 @@ FORMAT = "sassha_dist.checkpoint/1"
 STATE = "state"
 PARAM_GROUPS = "param_groups"
 _PARAM_GROUPS_JSON = "param_groups_json"  # DCP stores the groups as one JSON string
-_PER_PARAM_KEYS = (keys.MOMENTUM, keys.HESSIAN_DIAG, keys.STEP, keys.HESSIAN_UPDATES)
-#: Saved since the authors' frozen bias correction; older checkpoints lack them (Sassha derives them).
-_OPTIONAL_PER_PARAM_KEYS = (keys.HESSIAN_CORRECTION, keys.HESSIAN_CORRECTION_POWER)
-_COUNTER_KEYS = (keys.GLOBAL_STEP, keys.HESSIAN_REFRESHES, keys.SKIPPED_STEPS)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK = 1 << 22
 

@@ -36,10 +36,7 @@ from sassha_dist.checkpoint.fqn_state import (
     optimizer_state_dict,
 )
 from sassha_dist.checkpoint.layout import (
-    _COUNTER_KEYS,
-    _OPTIONAL_PER_PARAM_KEYS,
     _PARAM_GROUPS_JSON,
-    _PER_PARAM_KEYS,
     FORMAT,
     MANIFEST,
     PARAM_GROUPS,
@@ -141,7 +138,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         {k[len("model.") :]: getattr(v, "size", None) for k, v in saved.items() if k.startswith("model.")},
         f"the checkpoint {path}",
     )
-    counter_keys = [f"optimizer.{keys.COUNTERS}.{k}" for k in _COUNTER_KEYS]
+    counter_keys = [f"optimizer.{keys.COUNTERS}.{k}" for k in keys.COUNTER_NAMES]
     groups_key = f"optimizer.{_PARAM_GROUPS_JSON}"
     if not all(k in saved for k in [*counter_keys, groups_key]):
         optimizer_keys = sorted(k for k in saved if k.startswith("optimizer."))
@@ -152,13 +149,13 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     template_state: dict[str, dict[str, Any]] = {}
     known = {*counter_keys, groups_key}
     for name, p in params.items():
-        entry_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in _PER_PARAM_KEYS}
-        optional_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in _OPTIONAL_PER_PARAM_KEYS}
+        entry_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in keys.PER_PARAM}
+        optional_keys = {k: f"optimizer.{STATE}.{name}.{k}" for k in keys.OPTIONAL_PER_PARAM}
         present = [k for k, flat in entry_keys.items() if flat in saved]
         known.update(entry_keys.values(), optional_keys.values())
         if not present:
             continue  # no state saved for this parameter (frozen, or unused so far)
-        if len(present) != len(_PER_PARAM_KEYS):
+        if len(present) != len(keys.PER_PARAM):
             raise ValueError(
                 f"The checkpoint {path} has incomplete state for {name!r}: {present}; "
                 "was it saved by another optimizer?"
@@ -186,7 +183,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         )
     # Stage 1, small: the param groups, checked before anything is read into the model.
     head: dict[str, Any] = {
-        "optimizer": {_PARAM_GROUPS_JSON: "", keys.COUNTERS: dict.fromkeys(_COUNTER_KEYS, 0)}
+        "optimizer": {_PARAM_GROUPS_JSON: "", keys.COUNTERS: dict.fromkeys(keys.COUNTER_NAMES, 0)}
     }
     _dcp_load(head, path)
     groups = _groups_from_json(head["optimizer"][_PARAM_GROUPS_JSON], path)

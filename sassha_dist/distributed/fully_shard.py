@@ -51,6 +51,7 @@ class FullyShard(Strategy):
     ``module`` (the ``fully_shard``-ed root) is needed only for exact Hessians.
     """
 
+    supports_exact_hessian = False  # True on an instance built with its module
     prefers_exact_hessian = False
     supports_local_gradients = False
 

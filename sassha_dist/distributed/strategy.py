@@ -11,6 +11,7 @@ implementation, so the implementations import it without a cycle.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sassha_dist.distributed.devices import communication_device
+from sassha_dist.functional import sq_norm
 from sassha_dist.options import EngineCapabilities
 
 __all__ = ["ProbeSegment", "SingleProcess", "Strategy", "all_reduce_sum"]
@@ -56,13 +58,15 @@ class Strategy(ABC):
     @property
     def capabilities(self) -> EngineCapabilities:
         """What this engine allows, for :func:`sassha_dist.options.resolve_options`."""
-        return EngineCapabilities(
-            name=type(self).__name__,
-            exact_hessian=self.supports_exact_hessian,
-            prefers_exact_hessian=self.prefers_exact_hessian,
-            local_gradients=self.supports_local_gradients,
-            global_probes_only=self.global_probes_only,
-        )
+        return _capabilities(type(self).__name__, self)
+
+    @classmethod
+    def default_capabilities(cls) -> EngineCapabilities:
+        """What the engine allows before an instance is built (a start-up check, as the Trainer's).
+
+        An instance may allow more: ``FullyShard`` with its module allows exact Hessians.
+        """
+        return _capabilities(cls.__name__, cls)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
@@ -118,6 +122,19 @@ class Strategy(ABC):
         """Where this rank's local elements of ``param`` sit in the full parameters they belong to."""
         return [ProbeSegment(0, self.local(param).numel(), param_index, 0)]
 
+    def norm_and_count(
+        self, local_params: Sequence[torch.Tensor], *, foreach: bool | None
+    ) -> tuple[float, int]:
+        """The 2-norm of the whole model's parameters and their number of elements, over all ranks.
+
+        The inputs of the finite-difference step ``h``; both summed over shards in one collective.
+        """
+        local_sq_norm = sq_norm(local_params, foreach=foreach)
+        local_count = local_sq_norm.new_full((), float(sum(p.numel() for p in local_params)))  # no H2D copy
+        totals = self.sum_scalar(torch.stack([local_sq_norm, local_count]))
+        point_sq_norm, num_elements = totals.tolist()
+        return math.sqrt(point_sq_norm), round(num_elements)
+
 
 class SingleProcess(Strategy):
     """One process holds every parameter; no communication."""
@@ -142,6 +159,16 @@ class SingleProcess(Strategy):
 
     def all_true(self, flags: torch.Tensor) -> torch.Tensor:
         return flags
+
+
+def _capabilities(name: str, source: Strategy | type[Strategy]) -> EngineCapabilities:
+    return EngineCapabilities(
+        name=name,
+        exact_hessian=source.supports_exact_hessian,
+        prefers_exact_hessian=source.prefers_exact_hessian,
+        local_gradients=source.supports_local_gradients,
+        global_probes_only=source.global_probes_only,
+    )
 
 
 def all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

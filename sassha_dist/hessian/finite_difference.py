@@ -7,9 +7,10 @@ r"""The finite-difference Hutchinson estimate, written once for every engine.
 
 :func:`hutchinson_by_differences` draws the probes, weighs and accumulates the products
 (:func:`~sassha_dist.hessian.hvp.accumulate_hutchinson_`); how one difference's passes run is
-an engine's :class:`DifferencePasses`: plain autograd, DDP and FSDP read ``p.grad``
-(``Sassha.hessian_pass``), the ZeRO driver reads DeepSpeed's gradient partitions. The step
-``h`` is one scalar for the whole model (:func:`~sassha_dist.hessian.hvp.finite_difference_step`).
+the pass runner's :class:`DifferencePasses` (:mod:`sassha_dist.passes`): plain autograd, DDP and
+FSDP read ``p.grad``, the ZeRO runner reads DeepSpeed's gradient partitions. ``Sassha.hessian_pass``
+calls it for every engine, with one step ``h`` for the whole model
+(:func:`~sassha_dist.hessian.hvp.finite_difference_step`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class DifferencePasses(ABC):
     Each method starts with the parameters at ``w`` and leaves them there, and returns the
     difference in buffers the step owns, in the state dtype.
     """
+
+    #: Passes whose forward scheme returns :math:`g(w + hz)` alone sum the probes here, for the
+    #: pass that later takes :math:`g(w)` (``StepState.forward_correction``).
+    probe_sum: list[torch.Tensor]
 
     @abstractmethod
     def central(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:

@@ -29,10 +29,14 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["probe_key", "rademacher", "rademacher_ranges"]
+if TYPE_CHECKING:
+    from sassha_dist.distributed.strategy import ProbeSegment
+
+__all__ = ["probe_key", "rademacher", "rademacher_ranges", "segment_probes"]
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -229,6 +233,48 @@ def rademacher_ranges(
         size += numel
     _hash_batch(ranges, batch, out, dtype, device)
     return out  # type: ignore[return-value]
+
+
+def segment_probes(
+    likes: Sequence[torch.Tensor],
+    segment_lists: Sequence[list[ProbeSegment]],
+    *,
+    seed: int,
+    refresh: int,
+    sample: int,
+    rank: int,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Probe ``sample`` of Hessian refresh ``refresh`` for each tensor of ``likes``, from its segments.
+
+    Each tensor is filled from the elements of the full parameters its segments hold, zero
+    elsewhere (a shard's padding), in ``dtype`` (default: each tensor's own). All segments are
+    drawn in one batched hash per (dtype, device); a tensor that is one whole segment gets a
+    view of the drawn values, without a copy.
+    """
+    requests = [(like, seg) for like, segments in zip(likes, segment_lists, strict=True) for seg in segments]
+    by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, (like, _) in enumerate(requests):
+        by_kind.setdefault((dtype or like.dtype, like.device), []).append(i)
+    drawn: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+    for (kind_dtype, device), members in by_kind.items():
+        ranges = [
+            (probe_key(seed, refresh, seg.param_index, sample, rank), seg.length, seg.element_offset)
+            for seg in (requests[i][1] for i in members)
+        ]
+        drawn_kind = rademacher_ranges(ranges, dtype=kind_dtype, device=device)
+        for i, z in zip(members, drawn_kind, strict=True):
+            drawn[i] = z
+    probes, pieces = [], iter(drawn)
+    for like, segments in zip(likes, segment_lists, strict=True):
+        if len(segments) == 1 and segments[0].local_start == 0 and segments[0].length == like.numel():
+            probes.append(next(pieces).view_as(like))
+            continue
+        z = torch.zeros(like.numel(), dtype=dtype or like.dtype, device=like.device)
+        for seg in segments:
+            z[seg.local_start : seg.local_start + seg.length] = next(pieces)
+        probes.append(z.view_as(like))
+    return probes
 
 
 def _hash_batch(

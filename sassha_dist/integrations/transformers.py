@@ -208,9 +208,11 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.training_args import OptimizerNames
 
 from sassha_dist import state_keys as keys
+from sassha_dist.distributed.fully_shard import FullyShard
 from sassha_dist.distributed.resolve import resolve_strategy
 from sassha_dist.optimizer import Sassha, StepReport
-from sassha_dist.options import SasshaOptions, resolve_options
+from sassha_dist.options import EngineCapabilities, SasshaOptions, resolve_options
+from sassha_dist.passes import AUTOGRAD_PASSES, PassRunner
 from sassha_dist.preemption import DEFAULT_SIGNALS, Preempted, PreemptionGuard, parse_signals
 from sassha_dist.presets import LM_WARMUP_ITERS, RECIPE_IMAGE, authors_options
 
@@ -525,9 +527,9 @@ class TrainerSassha(Sassha):
         # exactly as construction does.
         self.use_strategy(resolve_strategy(params))
 
-    def gradient_pass(self, closure: Any) -> torch.Tensor:
+    def gradient_pass(self, closure: Any, runner: PassRunner = AUTOGRAD_PASSES) -> torch.Tensor | None:
         self._follow_engine()
-        return super().gradient_pass(closure)
+        return super().gradient_pass(closure, runner)
 
     def step(self, closure=None):  # type: ignore[override]
         if closure is not None:
@@ -585,11 +587,11 @@ _FSDP_MESSAGE = (
     "fsdp_config version 2 (transformers' default; drop 'version': 1 from --fsdp_config), or fsdp_version: 2 "
     "in the accelerate config (launch/accelerate/fsdp2.yaml)."
 )
-_FSDP2_EXACT_MESSAGE = (
-    "optim='sassha' under FSDP2 through the Trainer computes Hessians by finite differences: exact "
-    "Hessian-vector products need a double backward through sharded parameters, and local_perturbation "
-    "needs whole parameters on every rank. Remove hessian_method=exact and local_perturbation=true from "
-    "optim_args (hessian_method=auto picks finite_difference under FSDP2), or train with DDP."
+_FSDP2_TRAINER_HINT = (
+    "Through the Trainer, FSDP2 computes Hessians by finite differences (the Trainer builds the optimizer "
+    "without the module that exact products need): remove hessian_method=exact and "
+    "local_perturbation=true from optim_args (hessian_method=auto picks finite_difference under FSDP2), "
+    "or train with DDP."
 )
 _FP16_MESSAGE = (
     "optim='sassha' does not support fp16 with a GradScaler: one loss scale cannot cover SASSHA's several "
@@ -695,16 +697,20 @@ class SasshaTrainer(Trainer):
             if self.optimizer is not None:
                 raise ValueError(_DEEPSPEED_OPTIMIZER_MESSAGE)
             _check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-            self._check_deepspeed_options()
+            from sassha_dist.distributed.deepspeed import DeepSpeedZero
+
+            self._check_requested_options(DeepSpeedZero.default_capabilities())
         if getattr(self, "is_fsdp_xla_enabled", False):
             raise NotImplementedError(_FSDP_MESSAGE)
         if self.is_fsdp_enabled:
             # Also reached when the FSDP plugin comes from an accelerate config, not from --fsdp.
             if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
                 raise NotImplementedError(_FSDP_MESSAGE)
+            try:
+                self._check_requested_options(FullyShard.default_capabilities())
+            except ValueError as error:
+                raise ValueError(f"{error} {_FSDP2_TRAINER_HINT}") from None
             options = self._requested_sassha_options()
-            if options.get("hessian_method") == "exact" or options.get("local_perturbation"):
-                raise ValueError(_FSDP2_EXACT_MESSAGE)
             if self.accelerator.mixed_precision == "bf16" and options.get("fd_step") is None:
                 # Measured on the tiny GPT-2, 4 steps: loss 5.55 -> 8.4 with the default step,
                 # 5.55 -> 5.7 with 2.5e-2.
@@ -754,18 +760,16 @@ class SasshaTrainer(Trainer):
             optimizer = _unwrap_optimizer(getattr(optimizer, "optimizer", None))
         return optimizer if isinstance(optimizer, Sassha) else None
 
-    def _check_deepspeed_options(self) -> None:
-        """Refuse at start-up the SASSHA options ZeRO cannot run (exact Hessians, per-rank probes, ...).
+    def _check_requested_options(self, capabilities: EngineCapabilities) -> None:
+        """Refuse at start-up the SASSHA options the engine cannot run (exact Hessians, per-rank probes, ...).
 
         The same check the optimizer makes when it is built inside ``train()``:
-        :func:`~sassha_dist.options.resolve_options` against the ZeRO strategy's capabilities.
+        :func:`~sassha_dist.options.resolve_options` against the engine's capabilities.
         """
-        from sassha_dist.distributed.deepspeed import DeepSpeedZero
-
         requested = self._requested_sassha_options()
         names = {option.name for option in fields(SasshaOptions)}
         options = SasshaOptions(**{key: value for key, value in requested.items() if key in names})
-        resolve_options(options, DeepSpeedZero().capabilities)
+        resolve_options(options, capabilities)
 
     def _sassha_deepspeed(self) -> Any:
         """The :class:`~sassha_dist.distributed.deepspeed.SasshaDeepSpeed` driving the current engine."""

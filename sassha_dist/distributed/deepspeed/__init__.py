@@ -29,7 +29,8 @@ accumulation (``SasshaDeepSpeed(engine, scale_wrt_gas=False)``).
   and :meth:`~DeepSpeedZero.probe_segments` maps each partition's element ranges
   to ``(parameter ordinal, element offset)`` of the original parameters, so each
   rank generates exactly its part of one model-wide (global) probe.
-* :class:`SasshaDeepSpeed` drives one training step through the engine:
+* :class:`SasshaDeepSpeed` drives one training step through the engine: ``Sassha.run_passes``
+  with :class:`ZeroPasses` as the pass runner (``passes.py``), then ``engine.step()``:
 
   1. gradient at :math:`\theta`: the closures' losses through ``engine.backward``
      (every micro-batch of the step, the last one at the accumulation boundary);
@@ -89,11 +90,13 @@ import torch
 from sassha_dist.distributed.deepspeed.config import check_config
 from sassha_dist.distributed.deepspeed.driver import SasshaDeepSpeed
 from sassha_dist.distributed.deepspeed.optimizer import ZeroSassha
+from sassha_dist.distributed.deepspeed.passes import ZeroPasses
 from sassha_dist.distributed.deepspeed.strategy import DeepSpeedZero
 
 __all__ = [
     "DeepSpeedZero",
     "SasshaDeepSpeed",
+    "ZeroPasses",
     "ZeroSassha",
     "check_config",
     "initialize",

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from sassha_dist import state_keys as keys
-from sassha_dist.closures import as_closures
+from sassha_dist.closures import Closure, as_closures
 from sassha_dist.distributed.deepspeed.config import check_config
-from sassha_dist.distributed.deepspeed.optimizer import ZeroSassha, _UpdatePlan
-from sassha_dist.distributed.deepspeed.partitions import _Zero3, _Zero12
-from sassha_dist.functional import sq_norm
-from sassha_dist.hessian.finite_difference import (
-    DifferencePasses,
-    difference_weight,
-    hutchinson_by_differences,
-)
-from sassha_dist.hessian.hvp import (
-    curvature_underflow,
-    default_fd_step,
-    finite_difference_step,
-)
-from sassha_dist.options import FD_CENTRAL, PERTURB_MOMENTUM
+from sassha_dist.distributed.deepspeed.optimizer import UpdatePlan, ZeroSassha
+from sassha_dist.distributed.deepspeed.partitions import Zero3Partitions, Zero12Partitions
+from sassha_dist.distributed.deepspeed.passes import ZeroPasses
 from sassha_dist.step import StepReport, StepState
-
-Closure = Callable[[], torch.Tensor]
 
 
 class SasshaDeepSpeed:
@@ -81,11 +68,11 @@ class SasshaDeepSpeed:
         if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
             if zero.offload_optimizer or zero.offload_param:
                 raise ValueError("ZeRO-3 offload is not supported: remove offload_optimizer / offload_param.")
-            self.adapter: _Zero12 | _Zero3 = _Zero3(zero, strategy)
+            self.adapter: Zero12Partitions | Zero3Partitions = Zero3Partitions(zero, strategy)
         elif isinstance(zero, DeepSpeedZeroOptimizer):
             if zero.cpu_offload:
                 raise ValueError("ZeRO offload is not supported: remove zero_optimization.offload_optimizer.")
-            self.adapter = _Zero12(zero, strategy)
+            self.adapter = Zero12Partitions(zero, strategy)
         else:
             raise ValueError(
                 f"The engine wraps its optimizer in {type(zero).__name__}: SasshaDeepSpeed needs ZeRO stage "
@@ -99,6 +86,9 @@ class SasshaDeepSpeed:
         self.compute_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
         if getattr(engine, "torch_autocast_enabled", lambda: False)():
             self.compute_dtype = engine.torch_autocast_dtype()
+        self.passes = ZeroPasses(
+            engine, self.adapter, scale_wrt_gas=self.scale_wrt_gas, compute_dtype=self.compute_dtype
+        )
 
     @property
     def last_report(self) -> StepReport:
@@ -146,11 +136,8 @@ class SasshaDeepSpeed:
         boundary = engine._is_gradient_accumulation_boundary
         try:
             with self.adapter.flats_in_groups():
-                try:
-                    loss, pending = self._passes(closures)
-                except BaseException:
-                    self._abort()
-                    raise
+                loss = opt.run_passes(closures, self.passes)  # cancels the step itself on any error
+                pending = opt.current_step
                 if not self._all_finite(pending.checks):
                     # Sassha's own skip path: restores theta, counts the skip (or raises).
                     self.adapter.clear_gradients()
@@ -165,70 +152,11 @@ class SasshaDeepSpeed:
             engine._is_gradient_accumulation_boundary = boundary
         return loss
 
-    def _passes(self, closures: list[Closure]) -> tuple[torch.Tensor, StepState]:
-        """Passes 1-4: gradient at theta, perturbation, Hessian, perturbed gradient (left in DeepSpeed)."""
-        opt = self.optimizer
-        opt.begin_passes()
-        if opt.one_pass_due():
-            return self._one_pass(closures)
-        loss = self._pass(closures, set_grads=True)
-        opt.perturb(loss)
-        pending = opt.current_step
-        if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
-            raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
-        for flat in self.adapter.flats:
-            flat.grad = None
-        self.adapter.push_params()
-        forward = self._hessian(pending, closures) if pending.hessian_due else None
-        perturbed_loss, perturbed = self._pass(closures, keep=True)
-        pending.report.perturbed_loss = perturbed_loss
-        pending.checks.append(("perturbed loss", torch.isfinite(perturbed_loss)))
-        pending.checks.append(("perturbed gradient", self._finite(perturbed)))
-        self._finish_estimates(pending, forward, perturbed)
-        return loss, pending
-
-    def _one_pass(self, closures: list[Closure]) -> tuple[torch.Tensor, StepState]:
-        """One pass: rho = 0 in every group, or the momentum ascent (``perturbation="momentum"``).
-
-        The ascent (if any) moves the partitions to w~ and the model's copy with them; then the
-        finite differences at that point on Hessian steps, then the one pass. It comes last, so
-        its reduced gradient stays in DeepSpeed's buffers for ``engine.step()``, as the perturbed
-        pass does on other steps.
-        """
-        opt = self.optimizer
-        if opt.options.perturbation == PERTURB_MOMENTUM:
-            opt.ascend(self.adapter.flats)
-            self.adapter.push_params()
-        opt.start_step(*opt.members(every=True), None, one_pass=True, gradients=False)
-        pending = opt.current_step
-        if [id(p) for p in pending.params] != [id(f) for f in self.adapter.flats]:
-            raise RuntimeError("ZeroSassha's parameter groups do not hold the engine's ZeRO partitions.")
-        forward = self._hessian(pending, closures) if pending.hessian_due else None
-        loss, grads = self._pass(closures, keep=True)
-        report = pending.report
-        report.loss = report.perturbed_loss = loss
-        report.grad_norm = opt.strategy.sum_scalar(sq_norm(grads, foreach=opt.options.foreach)).sqrt()
-        pending.checks.append(("loss", torch.isfinite(loss)))
-        pending.checks.append(("gradient", torch.isfinite(report.grad_norm)))
-        self._finish_estimates(pending, forward, grads)
-        return loss, pending
-
-    def _finish_estimates(self, pending: StepState, forward, grad_at_point: list[torch.Tensor]) -> None:
-        """Complete forward differences with the gradient at the point, then check the estimate."""
-        if forward is not None:
-            # Forward differences: sum_s z_s * (g(w + h z_s) - g(w)) / (h S), g(w) known only now.
-            probe_sum, weight = forward
-            for est, z_sum, grad in zip(pending.estimates, probe_sum, grad_at_point, strict=True):
-                est.addcmul_(z_sum, grad, value=-weight)
-        if pending.estimates is not None:
-            pending.report.hessian_underflow = curvature_underflow(pending.estimates, grad_at_point)
-            pending.checks.append(("Hessian estimate", self._finite(pending.estimates)))
-
     def _engine_update(self, pending: StepState) -> None:
         """``engine.step()``: DeepSpeed clips the perturbed gradient, calls ZeroSassha.step per partition."""
         opt, engine = self.optimizer, self.engine
-        plan = _UpdatePlan(pending, opt.counters[keys.GLOBAL_STEP] + 1, set())
-        opt._plan = plan
+        plan = UpdatePlan(pending, opt.counters[keys.GLOBAL_STEP] + 1, set())
+        opt.plan = plan
         engine.set_gradient_accumulation_boundary(True)
         try:
             engine.step()
@@ -236,7 +164,7 @@ class SasshaDeepSpeed:
             self._restore_not_updated(plan)
             raise
         finally:
-            opt._plan = None
+            opt.plan = None
         # engine.step() counts one micro-step; a ZeRO step covers gradient_accumulation_steps of them.
         engine.micro_steps += engine.gradient_accumulation_steps() - 1
         opt.end_passes()
@@ -254,7 +182,7 @@ class SasshaDeepSpeed:
             opt.warn_on_underflow(pending.report)
 
     @torch.no_grad()
-    def _restore_not_updated(self, plan: _UpdatePlan) -> None:
+    def _restore_not_updated(self, plan: UpdatePlan) -> None:
         """Put theta back into the partitions ZeroSassha.step() did not reach, and resync the model."""
         pending = plan.pending
         for p, theta in zip(pending.params, pending.theta, strict=True):
@@ -262,149 +190,8 @@ class SasshaDeepSpeed:
                 p.copy_(theta)
         self.adapter.push_params()
 
-    # -- passes ---------------------------------------------------------------------------
-
-    def _pass(
-        self,
-        closures: list[Closure],
-        *,
-        set_grads: bool = False,
-        keep: bool = False,
-        subtract_from: list[torch.Tensor] | None = None,
-    ):
-        """Forward/backward of every micro-batch through the engine; returns the loss and the gradients.
-
-        ``keep``: leave the reduced gradient in DeepSpeed's buffers for ``engine.step()``.
-        ``subtract_from``: subtract the reduced gradient from these tensors in place, read straight
-        from DeepSpeed's buffers (no copy), and return no gradients.
-        """
-        engine, total = self.engine, None
-        last = len(closures) - 1
-        for k, closure in enumerate(closures):
-            engine.set_gradient_accumulation_boundary(k == last)
-            loss = self.optimizer.evaluate_in_step(closure, k)
-            scaled = engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas).detach()
-            total = scaled if total is None else total + scaled
-        grads = None
-        if subtract_from is None:
-            grads = self.adapter.gradients()
-        else:
-            torch._foreach_sub_(subtract_from, self.adapter.gradients(owned=False))
-        if not keep:
-            self.adapter.clear_gradients()
-        if set_grads:
-            for flat, g in zip(self.adapter.flats, grads, strict=True):
-                flat.grad = g
-            return total
-        return total, grads
-
-    @torch.no_grad()
-    def _hessian(self, pending: StepState, closures: list[Closure]):
-        """Finite-difference Hutchinson estimate at ``w = theta + eps`` into ``pending.estimates``.
-
-        Returns ``(sum of probes, weight)`` for the forward scheme, which still
-        needs the perturbed gradient, or ``None``.
-
-        As in ``Sassha.hessian_pass``, the estimate forms in place in the first gradient's buffer,
-        the probe is held as int8 signs, and ``w - hz`` is reached from ``w + hz``. Unlike there,
-        ``w`` is copied: the perturbed pass comes after the finite differences here, and its
-        gradient must be taken at ``w`` exactly, not one rounding away from it.
-        """
-        opt, flats = self.optimizer, pending.locals
-        options = opt.options
-        point = [f.detach().clone() for f in flats]
-        point_norm = float(opt.strategy.sum_scalar(sq_norm(point, foreach=options.foreach)).sqrt())
-        fd_step = options.fd_step if options.fd_step is not None else default_fd_step(self.compute_dtype)
-        h = finite_difference_step(fd_step, point_norm, opt.strategy.num_elements)
-        central = options.fd_scheme == FD_CENTRAL
-        passes = _ZeroDifferences(self, flats, point, closures)
-        pending.estimates = hutchinson_by_differences(
-            passes,
-            lambda sample: self._probes(flats, sample),
-            h=h,
-            central=central,
-            n_samples=options.n_samples,
-        )
-        self.adapter.push_params()
-        if central:
-            return None
-        return passes.probe_sum, difference_weight(h, central=False, n_samples=options.n_samples)
-
-    def _probes(self, flats: list[torch.Tensor], sample: int) -> list[torch.Tensor]:
-        """Global probe ``sample`` on each partition as int8 signs, zero on ZeRO's padding."""
-        opt = self.optimizer
-        segments = [opt.strategy.probe_segments(flat, index) for index, flat in enumerate(flats)]
-        return opt.draw_probes(flats, segments, sample, torch.int8)
-
     # -- helpers --------------------------------------------------------------------------
-
-    def _finite(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.isfinite(sq_norm(tensors, foreach=self.optimizer.options.foreach))
 
     def _all_finite(self, checks: list[tuple[str, torch.Tensor]]) -> bool:
         flags = torch.stack([flag.reshape(()).to(torch.int32) for _, flag in checks])
         return bool(self.optimizer.strategy.all_true(flags).all())
-
-    def _abort(self) -> None:
-        """Undo a failed step: restore theta, clear DeepSpeed's gradients, resync the model.
-
-        The resync (a collective at stages 1/2) only runs once the parameters have moved.
-        """
-        moved = self.optimizer.in_step
-        try:
-            self.optimizer.cancel()
-            for flat in self.adapter.flats:
-                flat.grad = None
-            self.adapter.clear_gradients()
-        finally:
-            if moved:
-                self.adapter.push_params()
-
-
-class _ZeroDifferences(DifferencePasses):
-    """Finite differences through the engine, on ZeRO's fp32 partitions.
-
-    ``w - hz`` is reached from ``w + hz``, as ``Sassha.hessian_pass`` does, and the second
-    central gradient is subtracted straight from DeepSpeed's buffers. Unlike there, ``w`` is
-    copied (``point``) and restored after each probe: the perturbed pass comes after the finite
-    differences here, and its gradient must be taken at ``w`` exactly. The forward scheme returns
-    ``g(w + hz)`` and sums the probes: ``g(w)`` is the last pass's, subtracted afterwards.
-    """
-
-    def __init__(
-        self,
-        driver: SasshaDeepSpeed,
-        flats: list[torch.Tensor],
-        point: list[torch.Tensor],
-        closures: list[Closure],
-    ) -> None:
-        self.driver, self.flats, self.point, self.closures = driver, flats, point, closures
-        self.probe_sum: list[torch.Tensor] = []
-
-    def _move(self, signs: list[torch.Tensor], h: float) -> None:
-        """Partitions (and the model's copy) to ``flats + h z``."""
-        torch._foreach_add_(self.flats, signs, alpha=h)
-        self.driver.adapter.push_params()
-
-    def _gradient_at_moved(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
-        """The gradient at ``flats + h z`` (moving the partitions there), in buffers of our own."""
-        self._move(signs, h)
-        with torch.enable_grad():
-            _, grads = self.driver._pass(self.closures)
-        return grads
-
-    def central(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
-        difference = self._gradient_at_moved(signs, h)
-        self._move(signs, -2.0 * h)
-        with torch.enable_grad():
-            self.driver._pass(self.closures, subtract_from=difference)
-        torch._foreach_copy_(self.flats, self.point)  # back to w exactly, for the next probe or the last pass
-        return difference
-
-    def forward(self, signs: list[torch.Tensor], h: float) -> list[torch.Tensor]:
-        difference = self._gradient_at_moved(signs, h)
-        if not self.probe_sum:
-            self.probe_sum = [torch.zeros_like(f) for f in self.flats]
-        torch._foreach_add_(self.probe_sum, signs)
-        torch._foreach_copy_(self.flats, self.point)
-        return difference

@@ -14,7 +14,7 @@ from sassha_dist.step import StepState
 
 
 @dataclass
-class _UpdatePlan:
+class UpdatePlan:
     """The step's pending passes, applied partition by partition from inside ``engine.step()``."""
 
     pending: StepState
@@ -37,21 +37,22 @@ class ZeroSassha(Sassha):
             raise ValueError(f"ZeroSassha needs a DeepSpeedZero strategy, got {type(strategy).__name__}.")
         super().__init__(params, *args, strategy=strategy, **kwargs)  # refuses per-rank probes
         strategy.record(self._all_params())
-        self._plan: _UpdatePlan | None = None
+        #: The step ``engine.step()`` applies: set by ``SasshaDeepSpeed`` around that call only.
+        self.plan: UpdatePlan | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_plan", None)
+        state.pop("plan", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__["_plan"] = None
+        self.__dict__["plan"] = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """DeepSpeed's call into the update, for the partitions now in ``param_groups``."""
-        plan = self._plan
+        plan = self.plan
         if closure is not None or plan is None:
             raise RuntimeError(
                 "ZeroSassha.step() is called by engine.step() inside SasshaDeepSpeed.step(closure); train "

@@ -28,7 +28,7 @@ def _zero_padding(flats: list[torch.Tensor], paddings: list[torch.Tensor]) -> No
         flat.masked_fill_(padding, 0.0)
 
 
-class _Zero12:
+class Zero12Partitions:
     """Stages 1 and 2 (``DeepSpeedZeroOptimizer``): one fp32 partition per parameter group."""
 
     def __init__(self, zero: Any, strategy: DeepSpeedZero) -> None:
@@ -109,7 +109,7 @@ class _Zero12:
         self.zero.update_lp_params()
 
 
-class _Zero3:
+class Zero3Partitions:
     """Stage 3 (``DeepSpeedZeroOptimizer_Stage3``): one fp32 partition per sub-group."""
 
     def __init__(self, zero: Any, strategy: DeepSpeedZero) -> None:

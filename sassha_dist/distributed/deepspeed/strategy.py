@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from sassha_dist.distributed.devices import communication_device
 from sassha_dist.distributed.strategy import ProbeSegment, Strategy, all_reduce_sum
+from sassha_dist.functional import sq_norm
 
 
 class DeepSpeedZero(Strategy):
@@ -87,3 +88,9 @@ class DeepSpeedZero(Strategy):
                 "DeepSpeedZero is not bound to this partition: build SasshaDeepSpeed(engine) after "
                 "deepspeed.initialize and run steps through it."
             ) from None
+
+    def norm_and_count(
+        self, local_params: Sequence[torch.Tensor], *, foreach: bool | None
+    ) -> tuple[float, int]:
+        """As the base class, with the count fixed at bind time: the partitions hold ZeRO's padding."""
+        return float(self.sum_scalar(sq_norm(local_params, foreach=foreach)).sqrt()), self.num_elements
